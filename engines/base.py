@@ -1,0 +1,158 @@
+"""The runner protocol every backend implements.
+
+``build()`` does the expensive one-off work (conversion, export, compilation),
+``infer(batch)`` returns the model output as an FP32 tensor on the engine's device,
+``close()`` releases everything.  Input checks live here, once, so that every
+backend refuses bad input with the same message; subclasses implement only the
+``_build``/``_infer``/``_close`` steps.  Runners never time themselves: ``perf/``
+does.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+from engines.audit import PrecisionAudit
+from engines.models import LoadedModel
+from engines.precision import PrecisionPolicy
+
+
+class InvalidInputError(ValueError):
+    """An input batch the model cannot take; the message names the fix."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend's runtime is not installed or cannot run here."""
+
+    def __init__(self, message: str, install_hint: str | None = None) -> None:
+        super().__init__(message if install_hint is None else f"{message}; install with: {install_hint}")
+        self.install_hint = install_hint
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenBatch:
+    """Token ids and attention mask, int64, shape [batch, sequence], on the CPU."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    source: str = "unspecified"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+    def describe(self) -> str:
+        b, s = self.shape
+        valid = self.attention_mask.sum(dim=1).tolist()
+        return f"{self.source} batch={b} seq={s} valid_tokens={valid}"
+
+    def replay(self) -> str:
+        """Python literal that rebuilds this batch (printed on failures)."""
+        return (
+            f"TokenBatch(input_ids=torch.tensor({self.input_ids.tolist()}), "
+            f"attention_mask=torch.tensor({self.attention_mask.tolist()}), source={self.source!r})"
+        )
+
+
+def validate_batch(batch: TokenBatch, *, vocab_size: int, max_positions: int, model_name: str) -> None:
+    ids, mask = batch.input_ids, batch.attention_mask
+    if ids.dim() != 2:
+        raise InvalidInputError(f"{model_name}: input_ids must be [batch, sequence], got shape {tuple(ids.shape)}")
+    if mask.shape != ids.shape:
+        raise InvalidInputError(
+            f"{model_name}: attention_mask shape {tuple(mask.shape)} differs from input_ids shape {tuple(ids.shape)}"
+        )
+    if ids.dtype != torch.int64 or mask.dtype != torch.int64:
+        raise InvalidInputError(f"{model_name}: input_ids and attention_mask must be int64, got {ids.dtype}/{mask.dtype}")
+    batch_size, seq_len = ids.shape
+    if batch_size < 1 or seq_len < 1:
+        raise InvalidInputError(f"{model_name}: empty batch of shape {tuple(ids.shape)}")
+    if seq_len > max_positions:
+        raise InvalidInputError(
+            f"{model_name}: sequence length {seq_len} exceeds the model's maximum of {max_positions} positions. "
+            f"Truncate inputs to {max_positions} tokens (or lower the profile's sequence cap)."
+        )
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise InvalidInputError(
+            f"{model_name}: token ids must lie in [0, {vocab_size}), got range [{low}, {high}]. "
+            "Tokenize with this model's tokenizer."
+        )
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise InvalidInputError(f"{model_name}: attention_mask must hold only 0 and 1")
+    empty = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise InvalidInputError(f"{model_name}: samples {empty} have no attended token (all-zero attention_mask)")
+
+
+class Runner(abc.ABC):
+    """One engine: a model at one precision on one backend and device."""
+
+    backend: ClassVar[str]
+    # Shown in skips when the backend's runtime is missing.
+    install_hint: ClassVar[str | None] = None
+
+    def __init__(self, model: LoadedModel, policy: PrecisionPolicy, device: str) -> None:
+        self.model = model
+        self.policy = policy
+        self.device = torch.device(device)
+        self.audit: PrecisionAudit | None = None
+        self._built = False
+        self._closed = False
+
+    # -- public protocol -------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return f"{self.model.name}/{self.backend}/{self.policy.name}"
+
+    def build(self) -> "Runner":
+        if self._closed:
+            raise RuntimeError(f"{self.name}: build() after close()")
+        if not self._built:
+            self._build()
+            self._built = True
+        return self
+
+    def infer(self, batch: TokenBatch) -> torch.Tensor:
+        """FP32 output [batch, sequence, features] on this engine's device."""
+        if not self._built:
+            self.build()
+        validate_batch(
+            batch,
+            vocab_size=self.model.vocab_size,
+            max_positions=self.model.max_positions,
+            model_name=self.model.name,
+        )
+        output = self._infer(batch)
+        if output.dtype != torch.float32:
+            output = output.float()
+        return output
+
+    def close(self) -> None:
+        if not self._closed:
+            self._close()
+            self._closed = True
+
+    def describe(self) -> dict[str, Any]:
+        """Backend facts for reports: name, runtime version, device, mode."""
+        return {"backend": self.backend, "device": str(self.device)}
+
+    def __enter__(self) -> "Runner":
+        return self.build()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- backend hooks -----------------------------------------------------------
+    @abc.abstractmethod
+    def _build(self) -> None: ...
+
+    @abc.abstractmethod
+    def _infer(self, batch: TokenBatch) -> torch.Tensor: ...
+
+    def _close(self) -> None:
+        pass

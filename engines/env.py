@@ -1,0 +1,123 @@
+"""Environment: flags, device resolution, and the facts a report must carry."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from typing import Any
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+class DeviceUnavailableError(RuntimeError):
+    pass
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """Parse a boolean environment variable; anything unrecognised is an error."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name}={raw!r} is not a boolean; use 1/0, true/false, yes/no or on/off")
+
+
+def resolve_device(choice: str) -> str:
+    """Map --device auto|cpu|cuda[:N] to a concrete torch device string."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cpu":
+        return "cpu"
+    if choice == "cuda" or choice.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            build = torch.__version__
+            raise DeviceUnavailableError(
+                f"--device {choice} was requested, but torch {build} sees no CUDA GPU "
+                f"(torch.version.cuda={torch.version.cuda}). Use --device cpu (or auto), "
+                "or run on a machine with an NVIDIA GPU and a CUDA build of torch."
+            )
+        return choice
+    raise DeviceUnavailableError(f"--device must be one of {DEVICE_CHOICES} or cuda:N, got {choice!r}")
+
+
+def configure_fp32_reference_math() -> None:
+    """IEEE FP32 matmuls and convolutions (no TF32), deterministic kernels where torch has them.
+
+    Called once per session before any engine is built: the settings are
+    process-wide in torch, and the FP32 reference must not depend on build order.
+    """
+    import torch
+
+    # Must be set before the first cuBLAS handle exists for deterministic GEMMs.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def tf32_enabled() -> bool:
+    import torch
+
+    return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32) or (
+        torch.get_float32_matmul_precision() != "highest"
+    )
+
+
+def _nvidia_smi(query: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+
+
+def environment_info(device: str) -> dict[str, Any]:
+    """Versions and hardware facts for reports (GPU name, capability, driver, CUDA)."""
+    import torch
+
+    try:
+        import transformers
+
+        transformers_version = transformers.__version__
+    except ImportError:  # pragma: no cover - a hard dependency
+        transformers_version = None
+    info: dict[str, Any] = {
+        "device": device,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers_version,
+        "cuda_runtime": torch.version.cuda,
+        "gpu_name": None,
+        "compute_capability": None,
+        "driver": None,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        props = torch.cuda.get_device_properties(index)
+        info["gpu_name"] = props.name
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+        info["gpu_memory_bytes"] = int(props.total_memory)
+        info["driver"] = _nvidia_smi("driver_version")
+    return info

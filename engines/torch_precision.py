@@ -1,0 +1,230 @@
+"""Make a Hugging Face BERT/GPT-2 module compute exactly what a PrecisionPolicy says.
+
+``apply_policy`` rewrites a deep copy of the FP32 model:
+
+* every ``nn.Linear`` and GPT-2 ``Conv1D`` becomes a :class:`PolicyLinear` that
+  casts its input to the policy's matmul dtype, runs the GEMM there and casts the
+  result to the residual-stream (elementwise) dtype;
+* every ``nn.LayerNorm`` becomes a :class:`PolicyLayerNorm` in the layernorm dtype,
+  native or, for strict policies, from FP16 arithmetic;
+* attention runs through :func:`policy_attention`, registered with transformers'
+  ``AttentionInterface`` under :data:`ATTENTION_NAME`, which does ``Q @ K^T`` and
+  ``P @ V`` in the matmul dtype and the masked softmax in the softmax dtype;
+* everything else (embeddings, residual adds, GELU) is in the elementwise dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engines.audit import note_reduction
+from engines.precision import PrecisionPolicy
+
+ATTENTION_NAME = "fidelity_policy"
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return TORCH_DTYPES[name]
+
+
+# --- strict low-precision reductions ----------------------------------------
+
+
+def low_precision_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Sum along ``dim`` as a pairwise tree of additions in ``x.dtype``.
+
+    Each partial sum is rounded to ``x.dtype`` (elementwise half ops round their
+    result), unlike ``torch.sum``, whose half kernels accumulate in FP32.  This is
+    how a reduction computed in FP16 arithmetic behaves: it overflows at 65504.
+    """
+    x = x.movedim(dim, -1)
+    width = x.shape[-1]
+    padded = 1 << max(width - 1, 0).bit_length()
+    if padded != width:
+        x = F.pad(x, (0, padded - width))
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x.movedim(-1, dim)
+
+
+def strict_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm whose every intermediate is rounded to ``x.dtype`` (TensorRT FP16 style)."""
+    width = x.shape[-1]
+    mean = low_precision_sum(x) / width
+    centered = x - mean
+    variance = low_precision_sum(centered * centered) / width
+    # eps below the dtype's smallest subnormal rounds to zero, as it does in an
+    # FP16 graph: a constant row then divides by zero.
+    denom = torch.sqrt(variance + torch.tensor(eps, dtype=x.dtype, device=x.device))
+    return centered / denom * weight + bias
+
+
+def strict_softmax(x: torch.Tensor) -> torch.Tensor:
+    shifted = x - x.amax(dim=-1, keepdim=True)
+    exps = torch.exp(shifted)
+    return exps / low_precision_sum(exps)
+
+
+# --- modules ------------------------------------------------------------------
+
+
+class PolicyLinear(nn.Module):
+    """A GEMM in ``compute_dtype`` with its result in ``output_dtype``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype, output_dtype) -> None:
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.output_dtype = output_dtype
+        self.weight = nn.Parameter(weight.detach().to(compute_dtype).contiguous(), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        )
+
+    @classmethod
+    def from_linear(cls, module: nn.Linear, compute_dtype, output_dtype) -> "PolicyLinear":
+        return cls(module.weight, module.bias, compute_dtype, output_dtype)
+
+    @classmethod
+    def from_conv1d(cls, module, compute_dtype, output_dtype) -> "PolicyLinear":
+        # GPT-2's Conv1D stores W as [in, out] and computes x @ W + b.
+        return cls(module.weight.t(), module.bias, compute_dtype, output_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.compute_dtype), self.weight, self.bias).to(self.output_dtype)
+
+    def extra_repr(self) -> str:
+        out_f, in_f = self.weight.shape
+        return f"in={in_f}, out={out_f}, compute={self.compute_dtype}, output={self.output_dtype}"
+
+
+class PolicyLayerNorm(nn.Module):
+    def __init__(self, module: nn.LayerNorm, compute_dtype, output_dtype, strict: bool) -> None:
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.output_dtype = output_dtype
+        self.strict = strict
+        self.eps = module.eps
+        self.normalized_shape = module.normalized_shape
+        self.weight = nn.Parameter(module.weight.detach().to(compute_dtype), requires_grad=False)
+        self.bias = nn.Parameter(module.bias.detach().to(compute_dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.compute_dtype)
+        if self.strict:
+            note_reduction("layernorm", x.dtype)
+            y = strict_layer_norm(x, self.weight, self.bias, self.eps)
+        else:
+            y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.to(self.output_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.normalized_shape)}, compute={self.compute_dtype}, strict={self.strict}"
+
+
+# --- attention ----------------------------------------------------------------
+
+
+def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # The same convention as transformers' eager path: 0 where attended, the
+    # dtype's most negative finite value where masked, added to the scores.
+    if mask.dtype == torch.bool:
+        return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask.to(dtype).clamp_min(torch.finfo(dtype).min)
+
+
+def policy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention with each step in the dtype the module's policy assigns it."""
+    policy: PrecisionPolicy = module._fidelity_policy
+    matmul_dtype = torch_dtype(policy.matmul)
+    softmax_dtype = torch_dtype(policy.softmax)
+    stream_dtype = torch_dtype(policy.elementwise)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    # GPT-2 may hand grouped K/V in other models; here heads always match.
+    scores = torch.matmul(query.to(matmul_dtype), key.to(matmul_dtype).transpose(-1, -2))
+    scores = scores.to(softmax_dtype) * scaling
+    if attention_mask is not None:
+        scores = scores + _additive_mask(attention_mask, softmax_dtype)
+    if policy.strict_reductions:
+        note_reduction("softmax", scores.dtype)
+        probs = strict_softmax(scores)
+    else:
+        probs = F.softmax(scores, dim=-1)
+    output = torch.matmul(probs.to(matmul_dtype), value.to(matmul_dtype)).to(stream_dtype)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _policy_mask(*args, **kwargs):
+    # A full boolean mask every time: skipping it (transformers' "is_causal"
+    # shortcut) would hand the decision back to a fused kernel we do not audit.
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    kwargs["allow_is_bidirectional_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+@functools.cache
+def register_policy_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, policy_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _policy_mask)
+
+
+# --- applying a policy --------------------------------------------------------
+
+
+def _conv1d_type():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def apply_policy(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
+    """A deep copy of ``model`` rewritten to compute as ``policy`` says."""
+    register_policy_attention()
+    stream_dtype = torch_dtype(policy.elementwise)
+    matmul_dtype = torch_dtype(policy.matmul)
+    layernorm_dtype = torch_dtype(policy.layernorm)
+    conv1d = _conv1d_type()
+
+    model = copy.deepcopy(model)
+    # GPT-2 ties lm_head to the token embedding; a policy may want them in
+    # different dtypes, so the copy is untied before anything is converted.
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    model.to(stream_dtype)
+
+    replacements: list[tuple[nn.Module, str, nn.Module]] = []
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                new = PolicyLinear.from_linear(child, matmul_dtype, stream_dtype)
+            elif isinstance(child, conv1d):
+                new = PolicyLinear.from_conv1d(child, matmul_dtype, stream_dtype)
+            elif isinstance(child, nn.LayerNorm):
+                new = PolicyLayerNorm(child, layernorm_dtype, stream_dtype, policy.strict_reductions)
+            else:
+                continue
+            replacements.append((parent, child_name, new))
+    for parent, child_name, new in replacements:
+        setattr(parent, child_name, new)
+
+    for module in model.modules():
+        module._fidelity_policy = policy
+    model.set_attn_implementation(ATTENTION_NAME)
+    return model.eval()
