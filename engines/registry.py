@@ -1,0 +1,60 @@
+"""Backends by name: where each runner lives, which devices it runs on, how to install it.
+
+Runner modules are imported only when a backend is used, so a missing optional
+runtime (onnxruntime, tensorrt) costs nothing until it is asked for, and then
+becomes a skip that carries the install hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from engines.base import BackendUnavailableError, Runner
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    target: str  # "module:Class"
+    devices: tuple[str, ...]  # device types it runs on
+    description: str
+
+    def load(self) -> type[Runner]:
+        module_name, _, class_name = self.target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # an optional runtime imported at module level
+            raise BackendUnavailableError(f"backend {self.name}: {exc}") from exc
+        return getattr(module, class_name)
+
+
+BACKENDS: dict[str, BackendInfo] = {
+    b.name: b
+    for b in (
+        BackendInfo("torch", "engines.torch_eager:TorchRunner", ("cpu", "cuda"), "PyTorch eager"),
+        BackendInfo(
+            "torch-cudagraph",
+            "engines.torch_cudagraph:TorchCudaGraphRunner",
+            ("cuda",),
+            "PyTorch with one CUDA graph per input shape",
+        ),
+    )
+}
+
+
+class UnknownBackendError(ValueError):
+    pass
+
+
+def get_backend(name: str) -> BackendInfo:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise UnknownBackendError(
+            f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}. Pass them with --backends NAME[,NAME...]."
+        ) from None
+
+
+def default_backends(device: str) -> list[str]:
+    return [b.name for b in BACKENDS.values() if device.split(":")[0] in b.devices]

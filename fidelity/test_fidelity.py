@@ -1,0 +1,51 @@
+"""`pytest -m fidelity`: every selected model x backend x precision against the FP32 reference.
+
+Each engine gets a Hypothesis test (adversarial token patterns, padding, shapes)
+and a natural-text test (WikiText-2 where available).  Gated precisions must meet
+the cosine bar with zero NaN/Inf; the others are measured and reported.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fidelity.metrics import FidelityResult
+from fidelity.strategies import token_batches
+
+pytestmark = pytest.mark.fidelity
+
+
+def assert_fidelity(results: list[FidelityResult]) -> None:
+    __tracebackhide__ = True
+    failures = [r.failure_message() for r in results if not r]
+    if failures:
+        pytest.fail("\n\n".join(failures), pytrace=False)
+
+
+@given(data=st.data())
+def test_hypothesis_inputs(engine, fidelity_session, data) -> None:
+    model = engine.model
+    batch = data.draw(
+        token_batches(
+            vocab_size=model.vocab_size,
+            max_batch=fidelity_session.options.profile.max_batch,
+            max_seq=fidelity_session.max_seq(model),
+            special_ids=model.special_token_ids,
+            pad_id=model.pad_token_id,
+        ),
+        label="batch",
+    )
+    result = fidelity_session.check(engine, batch, input_kind="hypothesis")
+    if fidelity_session.is_gated(engine.policy.name):
+        assert_fidelity([result])
+
+
+def test_natural_text(engine, fidelity_session) -> None:
+    results = [
+        fidelity_session.check(engine, batch, input_kind="natural-text")
+        for batch in fidelity_session.text_batches(engine.model)
+    ]
+    if fidelity_session.is_gated(engine.policy.name):
+        assert_fidelity(results)
