@@ -65,9 +65,9 @@ def strict_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     mean = low_precision_sum(x) / width
     centered = x - mean
     variance = low_precision_sum(centered * centered) / width
-    # eps below the dtype's smallest subnormal rounds to zero, as it does in an
-    # FP16 graph: a constant row then divides by zero.
-    denom = torch.sqrt(variance + torch.tensor(eps, dtype=x.dtype, device=x.device))
+    # The sum is rounded to x.dtype, so an eps below its smallest subnormal is
+    # lost, as in an FP16 graph: a constant row then divides by zero.
+    denom = torch.sqrt(variance + eps)
     return centered / denom * weight + bias
 
 

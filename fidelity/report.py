@@ -232,3 +232,108 @@ class FidelityReport:
         out.extend(f"note: {n}" for n in self.notes)
         out.extend(f"skipped {engine}: {reason}" for engine, reason in self.skipped.items())
         return "\n".join(out)
+
+
+# -- Markdown from a stored report -------------------------------------------------------
+
+
+def _engine_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold a report's rows (one per input source) into one line per engine."""
+    engines: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["model"], row["backend"], row["precision"], row["device"])
+        entry = engines.setdefault(
+            key,
+            {
+                "model": row["model"],
+                "backend": row["backend"],
+                "precision": row["precision"],
+                "device": row["device"],
+                "weights": row["weights"],
+                "samples": {"hypothesis": 0, "natural-text": 0},
+                "min_cosine": {"hypothesis": None, "natural-text": None},
+                "nan": 0,
+                "inf": 0,
+                "nonfinite_samples": 0,
+                "max_abs_err": 0.0,
+                "verdicts": set(),
+                "gated": row["gated"],
+            },
+        )
+        kind = row["input_kind"]
+        entry["samples"][kind] += row["samples"]
+        if row["min_cosine"] is not None:
+            current = entry["min_cosine"][kind]
+            entry["min_cosine"][kind] = row["min_cosine"] if current is None else min(current, row["min_cosine"])
+        entry["nan"] += row["nan_count"]
+        entry["inf"] += row["inf_count"]
+        entry["nonfinite_samples"] += row["nonfinite_samples"]
+        entry["max_abs_err"] = max(entry["max_abs_err"], row["max_abs_err"])
+        entry["verdicts"].add(row["verdict"])
+    for entry in engines.values():
+        order = ("REF-ERROR", "FAIL", "measured (below bar)", "PASS", "measured")
+        entry["verdict"] = next(v for v in order if v in entry["verdicts"])
+    return list(engines.values())
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    env = data["environment"]
+    hardware = env.get("gpu_name") or env.get("cpu") or "cpu"
+    if env.get("compute_capability"):
+        hardware += f" (sm {env['compute_capability']}, driver {env.get('driver')}, CUDA {env.get('cuda_runtime')})"
+    lines = [
+        f"# Fidelity report ({data['options']['profile']} profile)",
+        "",
+        f"- command: `{data['command']}`",
+        f"- hardware: {hardware}",
+        f"- software: torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}",
+        f"- run: {data['started']} to {data['written']} (UTC), report schema {data['schema_version']}",
+        f"- gated precisions: {', '.join(data['options']['gate_precisions'])}",
+        "",
+        "One line per engine; cosine is per sample against the FP32 reference (TF32 off), over valid positions.",
+        "",
+        "| model | backend | precision | weights | samples (hyp/text) | min cos hypothesis | min cos text | max abs err | NaN/Inf | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cos(value: float | None) -> str:
+        return "-" if value is None else f"{value:.7f}"
+
+    for e in _engine_summaries(data["rows"]):
+        weights = "random-init" if e["weights"].startswith("random-init") else e["weights"]
+        lines.append(
+            f"| {e['model']} | {e['backend']} | {e['precision']} | {weights} | "
+            f"{e['samples']['hypothesis']}/{e['samples']['natural-text']} | {cos(e['min_cosine']['hypothesis'])} | "
+            f"{cos(e['min_cosine']['natural-text'])} | {e['max_abs_err']:.2e} | {e['nan']}/{e['inf']} | {e['verdict']} |"
+        )
+    sources = sorted({r["input_source"] for r in data["rows"]})
+    tokenizers = sorted({f"{r['model']}: {r['tokenizer']}" for r in data["rows"]})
+    lines += ["", "Input sources: " + ", ".join(f"`{s}`" for s in sources), "", "Tokenizers:", ""]
+    lines += [f"- {t}" for t in tokenizers]
+    if data.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in data["notes"]]
+    if data.get("skipped"):
+        lines += ["", "Skipped:", ""] + [f"- {k}: {v}" for k, v in data["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Render a fidelity report JSON as Markdown")
+    parser.add_argument("report", type=Path)
+    parser.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
+    args = parser.parse_args(argv)
+    data = json.loads(args.report.read_text())
+    if data.get("schema_version") != REPORT_SCHEMA_VERSION:
+        parser.error(f"{args.report}: schema_version {data.get('schema_version')} is not {REPORT_SCHEMA_VERSION}")
+    text = render_markdown(data)
+    if args.output:
+        args.output.write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
