@@ -208,13 +208,16 @@ def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
     DNS lookups have no timeout of their own (a dead resolver costs ~50 s per
     lookup inside huggingface_hub), so the probe runs in a daemon thread.
     """
-    endpoint = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST_DEFAULT}")
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+    from urllib.parse import urlsplit
+
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST_DEFAULT}"))
+    host = endpoint.hostname or HUB_HOST_DEFAULT
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     outcome: list[bool] = []
 
     def probe() -> None:
         try:
-            with socket.create_connection((host, 443), timeout=timeout_s):
+            with socket.create_connection((host, port), timeout=timeout_s):
                 outcome.append(True)
         except OSError:
             outcome.append(False)
@@ -446,6 +449,7 @@ def _finish(spec: ModelSpec, module, weights_source: str, tokenizer, tokenizer_s
         else:
             special = (0, 100, 101, 102, 103)  # [PAD] [UNK] [CLS] [SEP] [MASK] in BERT's vocab
             pad = 0
+    module.requires_grad_(False)  # inference only
     max_id = int(config.vocab_size)
     special = tuple(i for i in special if 0 <= i < max_id)
     return LoadedModel(

@@ -134,8 +134,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("gpu") and not fidelity_session_of(item.config).device.startswith("cuda"):
-        pytest.skip("needs a CUDA GPU: run on a GPU machine with --device cuda (or auto)")
+    session = fidelity_session_of(item.config)
+    if item.get_closest_marker("gpu") and not session.device.startswith("cuda"):
+        reason = "needs a CUDA GPU: run on a GPU machine with --device cuda (or auto)"
+        case = getattr(getattr(item, "callspec", None), "params", {}).get("engine")
+        if isinstance(case, EngineCase):
+            session.report.add_skip(case.id, reason)
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

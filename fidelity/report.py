@@ -109,6 +109,17 @@ class ResultRow:
         return data
 
 
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity: NaN becomes null, infinities the strings "inf"/"-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "~"
 
@@ -184,7 +195,7 @@ class FidelityReport:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as handle:
-                json.dump(self.as_dict(), handle, indent=2, allow_nan=False, default=str)
+                json.dump(_json_safe(self.as_dict()), handle, indent=2, allow_nan=False, default=str)
                 handle.write("\n")
             os.replace(tmp, self.path)
         except BaseException:
@@ -237,6 +248,11 @@ class FidelityReport:
 # -- Markdown from a stored report -------------------------------------------------------
 
 
+def _as_float(value: Any) -> float:
+    """Undo :func:`_json_safe` for numbers read back from a report."""
+    return math.nan if value is None else float(value)
+
+
 def _engine_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fold a report's rows (one per input source) into one line per engine."""
     engines: dict[tuple[str, str, str, str], dict[str, Any]] = {}
@@ -268,7 +284,7 @@ def _engine_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["nan"] += row["nan_count"]
         entry["inf"] += row["inf_count"]
         entry["nonfinite_samples"] += row["nonfinite_samples"]
-        entry["max_abs_err"] = max(entry["max_abs_err"], row["max_abs_err"])
+        entry["max_abs_err"] = max(entry["max_abs_err"], _as_float(row["max_abs_err"]))
         entry["verdicts"].add(row["verdict"])
     for entry in engines.values():
         order = ("REF-ERROR", "FAIL", "measured (below bar)", "PASS", "measured")

@@ -146,6 +146,7 @@ def token_batches(
     """Batches of token ids from a real vocabulary, with attention masks."""
     if vocab_size < 16:
         raise ValueError(f"vocab_size {vocab_size} is too small for these patterns (need >= 16)")
+    special_ids = tuple(i for i in special_ids if 0 <= i < vocab_size)
     batch, seq_len = draw(batch_shapes(max_batch=max_batch, max_seq=max_seq))
     specs = [
         draw(sample_specs(seq_len=seq_len, vocab_size=vocab_size, special_ids=special_ids, patterns=patterns, padding=padding))

@@ -1,0 +1,60 @@
+import pytest
+import torch
+from torch.nn import functional as F
+
+from engines.precision import get_policy
+from engines.torch_precision import PolicyLinear, apply_policy, low_precision_sum, strict_layer_norm, strict_softmax
+
+
+def test_low_precision_sum_rounds_every_partial_sum():
+    x = torch.full((1024,), 100.0, dtype=torch.float16)
+    assert torch.isinf(low_precision_sum(x))  # 102400 > 65504
+    # torch's own half mean accumulates in FP32 and never sees the overflow
+    assert float(x.mean()) == 100.0
+    assert float(low_precision_sum(torch.arange(10, dtype=torch.float32))) == 45.0
+
+
+def test_strict_layer_norm_overflows_where_the_native_kernel_does_not():
+    torch.manual_seed(0)
+    x = (torch.randn(4, 384) * 300).half()  # (x - mean)^2 exceeds FP16's 65504
+    weight, bias = torch.ones(384, dtype=torch.float16), torch.zeros(384, dtype=torch.float16)
+    native = F.layer_norm(x, (384,), weight, bias, 1e-12)
+    strict = strict_layer_norm(x, weight, bias, 1e-12)
+    assert torch.isfinite(native).all() and float(native.float().std()) > 0.9
+    # The sum of squares overflows to inf, so every normalized value collapses
+    # to 0: silent, no NaN, exactly what a decomposed FP16 LayerNorm does.
+    assert float(strict.abs().max()) == 0.0
+
+
+def test_strict_ops_match_fp32_on_benign_input():
+    torch.manual_seed(0)
+    x = torch.randn(8, 64)
+    weight, bias = torch.rand(64) + 0.5, torch.randn(64)
+    expected = F.layer_norm(x, (64,), weight, bias, 1e-5)
+    got = strict_layer_norm(x.half(), weight.half(), bias.half(), 1e-5).float()
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(strict_softmax(x.half()).float(), torch.softmax(x, -1), atol=2e-3, rtol=2e-2)
+
+
+def test_policy_linear_reproduces_gpt2_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(48, 16)
+    torch.nn.init.normal_(conv.weight)
+    x = torch.randn(3, 5, 16)
+    linear = PolicyLinear.from_conv1d(conv, torch.float32, torch.float32)
+    torch.testing.assert_close(linear(x), conv(x))
+
+
+@pytest.mark.parametrize("precision", ["hybrid", "fp16", "bf16", "fp16-strict"])
+def test_apply_policy_leaves_the_source_model_untouched(tiny_gpt2, precision):
+    before = {k: v.clone() for k, v in tiny_gpt2.module.state_dict().items()}
+    converted = apply_policy(tiny_gpt2.module, get_policy(precision))
+    assert all(p.dtype == torch.float32 for p in tiny_gpt2.module.parameters())
+    for key, value in tiny_gpt2.module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    linears = [m for m in converted.modules() if isinstance(m, PolicyLinear)]
+    assert len(linears) == 2 * 4 + 1  # c_attn, c_proj, c_fc, c_proj per layer + lm_head
+    expected = {"hybrid": torch.float16, "fp16": torch.float16, "fp16-strict": torch.float16, "bf16": torch.bfloat16}
+    assert {m.weight.dtype for m in linears} == {expected[precision]}

@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from engines.audit import PrecisionMismatchError, check_policy
+from engines.base import BackendUnavailableError, InvalidInputError, TokenBatch
+from engines.precision import POLICIES, get_policy
+from engines.torch_eager import TorchReferenceRunner, TorchRunner, probe_batch
+from engines.torch_precision import apply_policy
+
+
+def batch_of(ids, mask=None):
+    ids = torch.tensor(ids, dtype=torch.int64)
+    return TokenBatch(ids, torch.ones_like(ids) if mask is None else torch.tensor(mask, dtype=torch.int64))
+
+
+@pytest.fixture(scope="module")
+def hybrid_bert(tiny_bert):
+    with TorchRunner(tiny_bert, get_policy("hybrid"), "cpu") as runner:
+        yield runner
+
+
+def test_runner_protocol_and_output_contract(hybrid_bert, tiny_bert):
+    out = hybrid_bert.infer(batch_of([[101, 2023, 102]]))
+    assert out.shape == (1, 3, 64) and out.dtype == torch.float32
+    assert hybrid_bert.name == "tiny-bert/torch/hybrid"
+    assert hybrid_bert.describe()["mode"] == "eager"
+
+
+def test_audit_records_the_policy_dtypes(hybrid_bert):
+    counts = hybrid_bert.audit.counts
+    # q, k, v, o, fc1, fc2 and QK^T, PV per layer, plus the pooler
+    assert counts["matmul:float16:native"] == 2 * (6 + 2) + 1
+    assert counts["softmax:float32:native"] == 2
+    assert counts["layernorm:float32:native"] == 5
+    assert bool(hybrid_bert.audit)
+
+
+@pytest.mark.parametrize(
+    "ids,mask,message",
+    [
+        ([[101] * 513], None, "exceeds the model's maximum of 512 positions"),
+        ([[101, 40000]], None, r"token ids must lie in \[0, 30522\)"),
+        ([[101, 102]], [[1, 2]], "must hold only 0 and 1"),
+        ([[101, 102]], [[0, 0]], "no attended token"),
+        ([[101, 102]], [[1, 1, 1]], "differs from input_ids shape"),
+    ],
+)
+def test_bad_input_is_refused_with_the_fix(hybrid_bert, ids, mask, message):
+    with pytest.raises(InvalidInputError, match=message):
+        hybrid_bert.infer(batch_of(ids, mask))
+
+
+class MisclaimedRunner(TorchRunner):
+    """Claims its policy but converts the model with another: the audit must catch it."""
+
+    actual_precision = "fp32"
+
+    def _make_module(self):
+        return apply_policy(self.model.module, POLICIES[self.actual_precision])
+
+
+@pytest.mark.parametrize("claimed,actual,problem", [
+    ("hybrid", "fp32", "matmul: policy says float16, but 17 of 17 calls ran in ['float32']"),
+    ("fp16", "hybrid", "softmax: policy says float16"),
+    ("fp16-strict", "fp16", "layernorm: policy wants the low-precision-reduction implementation"),
+])
+def test_an_engine_that_misstates_its_precision_fails_loudly(tiny_bert, claimed, actual, problem):
+    runner = MisclaimedRunner(tiny_bert, get_policy(claimed), "cpu")
+    runner.actual_precision = actual
+    with pytest.raises(PrecisionMismatchError) as info:
+        runner.build()
+    assert f"tiny-bert/torch/{claimed} claims precision {claimed!r}" in str(info.value)
+    assert problem in str(info.value)
+
+
+def test_tf32_fails_the_fp32_audit(tiny_bert):
+    reference = TorchReferenceRunner(tiny_bert, "cpu").build()
+    audit = reference.audit
+    assert audit
+    from engines.audit import DtypeAudit
+
+    records = []
+    probe = probe_batch(tiny_bert.vocab_size, tiny_bert.special_token_ids, tiny_bert.pad_token_id)
+    with torch.inference_mode(), DtypeAudit().watching(reference.forward) as watched:
+        reference.forward(probe.input_ids, probe.attention_mask)
+        records = watched.records
+    verdict = check_policy(records, get_policy("fp32"), engine="x", tf32=True)
+    assert not verdict and "TF32 is enabled" in verdict.problems[0]
+
+
+def test_reference_runs_only_fp32(tiny_bert):
+    with pytest.raises(ValueError, match="FP32 only"):
+        TorchReferenceRunner(tiny_bert, "cpu", policy=get_policy("hybrid"))
+
+
+def test_cuda_graph_backend_needs_cuda(tiny_bert):
+    from engines.torch_cudagraph import TorchCudaGraphRunner
+
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA device"):
+        TorchCudaGraphRunner(tiny_bert, get_policy("hybrid"), "cpu")
+
+
+def test_closed_runner_cannot_be_rebuilt(tiny_bert):
+    runner = TorchRunner(tiny_bert, get_policy("fp32"), "cpu")
+    runner.close()
+    with pytest.raises(RuntimeError, match="build\\(\\) after close\\(\\)"):
+        runner.build()

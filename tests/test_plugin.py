@@ -1,0 +1,75 @@
+"""The pytest plugin end to end: option errors, and a small real fidelity session."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_pytest(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--models", "tiny-bert,llama"], "unknown model 'llama'; known models:"),
+        (["--precisions", "fp8"], "unknown precision 'fp8'; known precisions:"),
+        (["--backends", "tvm"], "unknown backend 'tvm'; known backends:"),
+        (["--model-path", "minilm"], "--model-path expects NAME=DIR"),
+        (["--cosine-min", "1.5"], "--cosine-min must be in (0, 1]"),
+    ],
+)
+def test_bad_options_are_usage_errors(args, message):
+    proc = run_pytest("--collect-only", "-q", "fidelity", *args, timeout=120)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_on_a_cpu_machine_is_a_usage_error():
+    proc = run_pytest("--collect-only", "-q", "fidelity", "--device", "cuda", timeout=120)
+    assert proc.returncode == 4 and "sees no CUDA GPU" in proc.stderr and "Use --device cpu" in proc.stderr
+
+
+@pytest.mark.slow
+def test_fidelity_session_writes_a_report_covering_every_combination(tmp_path):
+    report = tmp_path / "r.json"
+    proc = run_pytest(
+        "-m", "fidelity", "fidelity",
+        "--models", "tiny-bert,tiny-gpt2",
+        "--precisions", "fp32,hybrid,fp16-strict",
+        "--backends", "torch,torch-cudagraph",
+        "--input-profile", "ci",
+        "--fidelity-report", str(report),
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "fidelity summary" in proc.stdout
+    data = json.loads(report.read_text())
+    assert data["schema_version"] == 1 and data["options"]["profile"] == "ci"
+    combos = {(r["model"], r["backend"], r["precision"], r["input_kind"]) for r in data["rows"]}
+    for model in ("tiny-bert", "tiny-gpt2"):
+        for precision in ("fp32", "hybrid", "fp16-strict"):
+            for kind in ("hypothesis", "natural-text"):
+                assert (model, "torch", precision, kind) in combos
+    gated = {r["precision"]: r["gated"] for r in data["rows"]}
+    assert gated == {"fp32": True, "hybrid": True, "fp16-strict": False}
+    if not torch.cuda.is_available():
+        assert all("CUDA GPU" in reason for reason in data["skipped"].values()) or not data["skipped"]
+        assert "SKIPPED" in proc.stdout or "skipped" in proc.stdout
+    assert data["audits"]["tiny-gpt2/torch/hybrid"]["problems"] == []
