@@ -95,6 +95,8 @@ class Runner(abc.ABC):
     backend: ClassVar[str]
     # Shown in skips when the backend's runtime is missing.
     install_hint: ClassVar[str | None] = None
+    # Backends that build artifacts (ONNX graphs, engines) take cache=EngineCache.
+    uses_engine_cache: ClassVar[bool] = False
 
     def __init__(self, model: LoadedModel, policy: PrecisionPolicy, device: str) -> None:
         self.model = model

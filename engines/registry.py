@@ -39,6 +39,14 @@ BACKENDS: dict[str, BackendInfo] = {
             ("cuda",),
             "PyTorch with one CUDA graph per input shape",
         ),
+        BackendInfo("onnxrt", "engines.onnxrt:OnnxRuntimeRunner", ("cpu", "cuda"), "ONNX Runtime on the precision graph"),
+        BackendInfo(
+            "onnx-torch",
+            "engines.onnx_torch:OnnxTorchRunner",
+            ("cpu", "cuda"),
+            "the precision graph interpreted with torch ops (real FP16/BF16 arithmetic on CUDA)",
+        ),
+        BackendInfo("trt", "engines.trt:TensorRTRunner", ("cuda",), "TensorRT >= 10, strongly typed network"),
     )
 }
 
@@ -56,5 +64,9 @@ def get_backend(name: str) -> BackendInfo:
         ) from None
 
 
+# Run by default when no --backends is given: the others are opt-in.
+DEFAULT_BACKENDS = ("torch", "torch-cudagraph")
+
+
 def default_backends(device: str) -> list[str]:
-    return [b.name for b in BACKENDS.values() if device.split(":")[0] in b.devices]
+    return [n for n in DEFAULT_BACKENDS if device.split(":")[0] in BACKENDS[n].devices]

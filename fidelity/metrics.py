@@ -74,6 +74,7 @@ class CompareContext:
     input_source: str
     tokenizer: str = ""
     weights: str = ""
+    runtime: str = ""  # the backend's runtime and version, e.g. "onnxruntime 1.32.0"
 
     @property
     def engine(self) -> str:

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from engines.base import BackendUnavailableError, Runner
+from engines.cache import EngineCacheError
+from engines.onnx_export import ExportError
 from engines.env import DEVICE_CHOICES, DeviceUnavailableError
 from engines.models import WEIGHTS_MODES, ModelLoadError, UnknownModelError, parse_model_paths
 from engines.precision import UnknownPrecisionError
@@ -67,6 +69,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="auto: pretrained where reachable, else random-init; pretrained: fail without; random: always random-init",
     )
     group.addoption("--wikitext-path", default=None, metavar="PATH", help="local WikiText-2 test split (parquet, json, raw)")
+    group.addoption(
+        "--engine-cache",
+        default=None,
+        metavar="DIR",
+        help="where exported graphs and built engines are kept (default: $FIDELITY_ENGINE_CACHE, else the user cache dir)",
+    )
+    group.addoption("--rebuild-engines", action="store_true", help="rebuild cached graphs and engines once this session")
 
 
 def _register_hypothesis_profiles(config: pytest.Config, profile_name: str) -> None:
@@ -103,6 +112,8 @@ def pytest_configure(config: pytest.Config) -> None:
             model_paths=parse_model_paths(config.getoption("--model-path")),
             weights_mode=config.getoption("--weights"),
             wikitext_path=config.getoption("--wikitext-path"),
+            engine_cache=config.getoption("--engine-cache"),
+            rebuild_engines=config.getoption("--rebuild-engines"),
         )
     except (
         OptionError,
@@ -157,7 +168,7 @@ def engine(request: pytest.FixtureRequest, fidelity_session: FidelitySession) ->
     except BackendUnavailableError as exc:
         fidelity_session.report.add_skip(case.id, str(exc))
         pytest.skip(str(exc))
-    except ModelLoadError as exc:
+    except (ModelLoadError, ExportError, EngineCacheError) as exc:
         pytest.fail(str(exc), pytrace=False)
     yield runner
     runner.close()
@@ -169,6 +180,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         return
     terminalreporter.write_sep("=", "fidelity summary")
     terminalreporter.write_line(session.report.table())
+    if session.cache.events:
+        terminalreporter.write_line(session.cache.summary())
     if session.report.path is not None:
         session.report.write()
         terminalreporter.write_line(f"fidelity report: {session.report.path}")

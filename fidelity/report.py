@@ -21,7 +21,10 @@ from fidelity.metrics import FidelityResult
 
 # Version history of the JSON report:
 #   1: first version (rows, environment, options, notes, audits).
-REPORT_SCHEMA_VERSION = 1
+#   2: rows carry the backend's runtime; "engines" (backend, runtime, provider,
+#      graph dtypes, build seconds) and "engine_cache" (hits, builds) sections.
+REPORT_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 WRITE_INTERVAL_S = 2.0
 
 
@@ -35,6 +38,7 @@ class ResultRow:
     input_source: str
     weights: str
     tokenizer: str
+    runtime: str
     gated: bool
     cosine_bar: float
     batches: int = 0
@@ -134,6 +138,8 @@ class FidelityReport:
         self.notes: list[str] = []
         self.audits: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
+        self.engines: dict[str, Any] = {}
+        self.cache: dict[str, Any] = {}
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self._last_write = 0.0
 
@@ -143,6 +149,16 @@ class FidelityReport:
 
     def add_audit(self, engine: str, audit: dict[str, Any] | None) -> None:
         self.audits[engine] = audit
+
+    def add_engine(self, engine: str, description: dict[str, Any]) -> None:
+        self.engines[engine] = description
+
+    def set_cache_events(self, cache) -> None:
+        self.cache = {
+            "root": str(cache.root),
+            "summary": cache.summary(),
+            "events": [dataclasses.asdict(e) for e in cache.events],
+        }
 
     def add_skip(self, engine: str, reason: str) -> None:
         self.skipped[engine] = reason
@@ -162,6 +178,7 @@ class FidelityReport:
                 input_source=ctx.input_source,
                 weights=ctx.weights,
                 tokenizer=ctx.tokenizer,
+                runtime=ctx.runtime,
                 gated=gated,
                 cosine_bar=result.tolerance.cosine_min,
             )
@@ -180,6 +197,8 @@ class FidelityReport:
             "notes": self.notes,
             "rows": [row.as_dict() for row in self.rows.values()],
             "skipped": self.skipped,
+            "engines": self.engines,
+            "engine_cache": self.cache,
             "audits": self.audits,
         }
 
@@ -266,6 +285,7 @@ def _engine_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "precision": row["precision"],
                 "device": row["device"],
                 "weights": row["weights"],
+                "runtime": row.get("runtime", ""),
                 "samples": {"hypothesis": 0, "natural-text": 0},
                 "min_cosine": {"hypothesis": None, "natural-text": None},
                 "nan": 0,
@@ -308,8 +328,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         "One line per engine; cosine is per sample against the FP32 reference (TF32 off), over valid positions.",
         "",
-        "| model | backend | precision | weights | samples (hyp/text) | min cos hypothesis | min cos text | max abs err | NaN/Inf | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | backend | runtime | precision | weights | samples (hyp/text) | min cos hypothesis | min cos text | max abs err | NaN/Inf | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cos(value: float | None) -> str:
@@ -318,7 +338,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     for e in _engine_summaries(data["rows"]):
         weights = "random-init" if e["weights"].startswith("random-init") else e["weights"]
         lines.append(
-            f"| {e['model']} | {e['backend']} | {e['precision']} | {weights} | "
+            f"| {e['model']} | {e['backend']} | {e['runtime']} | {e['precision']} | {weights} | "
             f"{e['samples']['hypothesis']}/{e['samples']['natural-text']} | {cos(e['min_cosine']['hypothesis'])} | "
             f"{cos(e['min_cosine']['natural-text'])} | {e['max_abs_err']:.2e} | {e['nan']}/{e['inf']} | {e['verdict']} |"
         )
@@ -341,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
     args = parser.parse_args(argv)
     data = json.loads(args.report.read_text())
-    if data.get("schema_version") != REPORT_SCHEMA_VERSION:
-        parser.error(f"{args.report}: schema_version {data.get('schema_version')} is not {REPORT_SCHEMA_VERSION}")
+    if data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+        parser.error(f"{args.report}: schema_version {data.get('schema_version')} is not one of {READABLE_SCHEMA_VERSIONS}")
     text = render_markdown(data)
     if args.output:
         args.output.write_text(text)

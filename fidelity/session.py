@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from engines.base import BackendUnavailableError, Runner, TokenBatch
+from engines.cache import EngineCache
 from engines.env import configure_fp32_reference_math, environment_info, resolve_device
 from engines.models import MODEL_SPECS, LoadedModel, ModelLoader, get_spec
 from engines.precision import POLICIES, PrecisionPolicy, get_policy
@@ -67,6 +68,8 @@ class FidelityOptions:
     model_paths: dict[str, Path]
     weights_mode: str
     wikitext_path: Path | None
+    engine_cache: Path | None = None
+    rebuild_engines: bool = False
 
     @classmethod
     def parse(
@@ -83,6 +86,8 @@ class FidelityOptions:
         model_paths: dict[str, Path],
         weights_mode: str,
         wikitext_path: str | None,
+        engine_cache: str | None = None,
+        rebuild_engines: bool = False,
     ) -> "FidelityOptions":
         """Validate every name up front: a typo is a usage error, not a failing test."""
         model_names = _split(models) or list(DEFAULT_MODELS)
@@ -117,6 +122,8 @@ class FidelityOptions:
             model_paths=model_paths,
             weights_mode=weights_mode,
             wikitext_path=Path(wikitext_path) if wikitext_path else None,
+            engine_cache=Path(engine_cache).expanduser() if engine_cache else None,
+            rebuild_engines=rebuild_engines,
         )
 
     def cases(self) -> list[EngineCase]:
@@ -165,6 +172,7 @@ class FidelitySession:
         self.device = options.device
         configure_fp32_reference_math()
         self.loader = ModelLoader(model_paths=options.model_paths, weights_mode=options.weights_mode)
+        self.cache = EngineCache(options.engine_cache, rebuild=options.rebuild_engines)
         self._references: dict[str, TorchReferenceRunner] = {}
         self._reference_outputs = ReferenceCache(REFERENCE_CACHE_BYTES[self.device.split(":")[0]])
         self._corpus: tuple[TextCorpus, list[str]] | None = None
@@ -221,10 +229,12 @@ class FidelitySession:
         model = self.model(case.model)
         policy: PrecisionPolicy = get_policy(case.precision)
         started = time.perf_counter()
-        runner = runner_cls(model, policy, self.device)
+        options = {"cache": self.cache} if runner_cls.uses_engine_cache else {}
+        runner = runner_cls(model, policy, self.device, **options)
         runner.build()
         description = dict(runner.describe(), build_seconds=round(time.perf_counter() - started, 3))
         self.engine_descriptions[case.id] = description
+        self.report.add_engine(case.id, description)
         self.report.add_audit(runner.name, runner.audit.as_dict() if runner.audit else None)
         return runner
 
@@ -267,6 +277,7 @@ class FidelitySession:
             input_source=batch.source,
             tokenizer=model.tokenizer_source,
             weights=model.weights_source,
+            runtime=self.engine_descriptions.get(engine.name, {}).get("runtime", ""),
         )
         result = compare_outputs(output, reference, batch, context, tolerance_for(engine.policy.name, self.options.cosine_min))
         self.report.record(result, input_kind=input_kind, gated=self.is_gated(engine.policy.name))
@@ -276,4 +287,5 @@ class FidelitySession:
         for runner in self._references.values():
             runner.close()
         self._references.clear()
+        self.report.set_cache_events(self.cache)
         self.report.write()

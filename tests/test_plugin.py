@@ -61,7 +61,7 @@ def test_fidelity_session_writes_a_report_covering_every_combination(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "fidelity summary" in proc.stdout
     data = json.loads(report.read_text())
-    assert data["schema_version"] == 1 and data["options"]["profile"] == "ci"
+    assert data["schema_version"] == 2 and data["options"]["profile"] == "ci"
     combos = {(r["model"], r["backend"], r["precision"], r["input_kind"]) for r in data["rows"]}
     for model in ("tiny-bert", "tiny-gpt2"):
         for precision in ("fp32", "hybrid", "fp16-strict"):

@@ -34,5 +34,5 @@ def test_report_rows_aggregate_and_json_round_trips(tmp_path):
     table = report.table()
     assert "tiny-bert" in table and "PASS" in table and "note: WikiText-2 not available" in table
     markdown = render_markdown(data)
-    assert "| tiny-bert | torch | hybrid | random-init | 4/0 |" in markdown
+    assert "| tiny-bert | torch |  | hybrid | random-init | 4/0 |" in markdown
     assert list(path.parent.iterdir()) == [path]  # no temporary files left behind

@@ -1,0 +1,362 @@
+"""FP32 ONNX graph -> precision graph with explicit Casts, driven by a PrecisionPolicy.
+
+TensorRT 11 builds only strongly typed networks: every tensor's dtype comes from
+the graph, so mixed precision has to be written into it.  This converter does
+that from the same op classes as the PyTorch engine (``engines/precision.py``):
+
+* compute nodes (``MatMul``/``Gemm``, ``Softmax``, ``LayerNormalization`` and the
+  reductions of their decompositions, elementwise math) run in their class's dtype:
+  a float input in another dtype gets a ``Cast`` in front (one per tensor and
+  dtype), a float initializer or constant is converted in place of a Cast, with
+  values clamped to the target's finite range (``-3.4e38`` mask fills would
+  otherwise become ``-inf`` in FP16);
+* layout ops (``Reshape``, ``Transpose``, ``Gather``, ``Concat``, ...) follow the
+  dtype of their data input;
+* graph inputs and outputs stay as they were (int64 in, FP32 out), so every
+  engine is compared on equal terms;
+* with ``strict_reductions`` (``fp16-strict``), ``LayerNormalization`` and
+  ``Softmax`` are first decomposed into primitive ops, so their intermediates
+  (``(x - mean)^2``, ``exp``) are FP16 tensors, as in a TensorRT FP16 network
+  built from a decomposed LayerNorm.
+
+Ops this module does not know are an error naming them, never silently kept in
+FP32.  :func:`graph_precision` and :func:`check_graph_policy` read the result
+back and prove that each op computes in the dtype the policy asks for.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from engines.precision import PrecisionPolicy
+
+CONVERTER_VERSION = 1
+TAG_PREFIX = "fidelity."  # node-name prefix naming the op class of decomposed ops
+
+_DTYPE_TO_ONNX = {"float32": 1, "float16": 10, "bfloat16": 16}
+_ONNX_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ONNX.items()}
+FLOAT_TYPES = frozenset(_ONNX_TO_DTYPE)
+
+# Op types per behaviour.  Compute ops take their class from engines.precision.
+MATMUL_OPS = frozenset({"MatMul", "Gemm"})
+SOFTMAX_OPS = frozenset({"Softmax"})
+LAYERNORM_OPS = frozenset({"LayerNormalization"})
+ELEMENTWISE_OPS = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Exp", "Neg", "Reciprocal", "Where",
+     "ReduceMean", "ReduceMax", "ReduceSum", "Max", "Min", "Relu", "Sigmoid", "Abs", "Clip"}
+)
+LAYOUT_OPS = frozenset(
+    {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Gather", "GatherElements",
+     "GatherND", "Expand", "Identity", "Flatten", "Tile"}
+)
+# Ops whose float outputs do not depend on float inputs' values
+# (they produce floats from ints/bools, or floats from shapes).
+SOURCE_OPS = frozenset({"Cast", "ConstantOfShape", "Constant", "Range"})
+# Ops that never carry float data in these graphs.
+NON_FLOAT_OPS = frozenset(
+    {"Shape", "Size", "And", "Or", "Not", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "NonZero",
+     "ArgMax"}
+)
+
+
+class UnsupportedOpError(ValueError):
+    """The converter met an op type it cannot place."""
+
+
+class GraphPolicyError(AssertionError):
+    """A converted graph does not compute in the dtypes its policy asks for."""
+
+
+def op_class_of(node) -> str | None:
+    """The policy op class a node computes in, or None for layout/non-float ops."""
+    if node.name.startswith(TAG_PREFIX):
+        tagged = node.name[len(TAG_PREFIX) :].split("/", 1)[0]
+        return None if tagged == "cast" else tagged
+    if node.op_type in MATMUL_OPS:
+        return "matmul"
+    if node.op_type in SOFTMAX_OPS:
+        return "softmax"
+    if node.op_type in LAYERNORM_OPS:
+        return "layernorm"
+    if node.op_type in ELEMENTWISE_OPS:
+        return "elementwise"
+    return None
+
+
+# --- decomposition for strict reductions --------------------------------------------------
+
+
+def _decompose(model) -> None:
+    """Replace LayerNormalization and Softmax by primitive ops, tagged with their class."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    nodes = []
+    extra_inits = []
+    for index, node in enumerate(graph.node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axis = int(attrs.get("axis", -1))
+        if node.op_type == "LayerNormalization" and axis == -1:
+            tag = f"{TAG_PREFIX}layernorm/{index}"
+            x, scale = node.input[0], node.input[1]
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            axes = f"{tag}/axes"
+            eps = f"{tag}/eps"
+            extra_inits += [
+                numpy_helper.from_array(np.array([-1], dtype=np.int64), axes),
+                numpy_helper.from_array(np.array(attrs.get("epsilon", 1e-5), dtype=np.float32), eps),
+                numpy_helper.from_array(np.array(2.0, dtype=np.float32), f"{tag}/two"),
+            ]
+            names = {k: f"{tag}/{k}" for k in ("mean", "centered", "squared", "variance", "shifted", "std", "normed", "scaled")}
+            nodes += [
+                helper.make_node("ReduceMean", [x, axes], [names["mean"]], name=f"{tag}/mean", keepdims=1),
+                helper.make_node("Sub", [x, names["mean"]], [names["centered"]], name=f"{tag}/sub"),
+                helper.make_node("Pow", [names["centered"], f"{tag}/two"], [names["squared"]], name=f"{tag}/pow"),
+                helper.make_node("ReduceMean", [names["squared"], axes], [names["variance"]], name=f"{tag}/var", keepdims=1),
+                helper.make_node("Add", [names["variance"], eps], [names["shifted"]], name=f"{tag}/add_eps"),
+                helper.make_node("Sqrt", [names["shifted"]], [names["std"]], name=f"{tag}/sqrt"),
+                helper.make_node("Div", [names["centered"], names["std"]], [names["normed"]], name=f"{tag}/div"),
+            ]
+            if bias:
+                nodes += [
+                    helper.make_node("Mul", [names["normed"], scale], [names["scaled"]], name=f"{tag}/scale"),
+                    helper.make_node("Add", [names["scaled"], bias], [node.output[0]], name=f"{tag}/bias"),
+                ]
+            else:
+                nodes.append(helper.make_node("Mul", [names["normed"], scale], [node.output[0]], name=f"{tag}/scale"))
+        elif node.op_type == "Softmax":
+            tag = f"{TAG_PREFIX}softmax/{index}"
+            axes = f"{tag}/axes"
+            extra_inits.append(numpy_helper.from_array(np.array([axis], dtype=np.int64), axes))
+            x = node.input[0]
+            nodes += [
+                helper.make_node("ReduceMax", [x, axes], [f"{tag}/max"], name=f"{tag}/max", keepdims=1),
+                helper.make_node("Sub", [x, f"{tag}/max"], [f"{tag}/shifted"], name=f"{tag}/sub"),
+                helper.make_node("Exp", [f"{tag}/shifted"], [f"{tag}/exp"], name=f"{tag}/exp"),
+                helper.make_node("ReduceSum", [f"{tag}/exp", axes], [f"{tag}/sum"], name=f"{tag}/sum", keepdims=1),
+                helper.make_node("Div", [f"{tag}/exp", f"{tag}/sum"], [node.output[0]], name=f"{tag}/div"),
+            ]
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(extra_inits)
+
+
+# --- conversion -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ConversionStats:
+    casts_inserted: int = 0
+    constants_converted: int = 0
+    values_clamped: int = 0
+    decomposed: bool = False
+
+
+def _infer_types(model) -> dict[str, int]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    types: dict[str, int] = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if value.type.HasField("tensor_type"):
+            types[value.name] = value.type.tensor_type.elem_type
+    for init in inferred.graph.initializer:
+        types[init.name] = init.data_type
+    for node in inferred.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    types[node.output[0]] = attr.t.data_type
+    return types
+
+
+def _constant_values(model) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def _to_dtype(array: np.ndarray, dtype: str, stats: ConversionStats) -> np.ndarray:
+    if dtype == "float32":
+        return array.astype(np.float32)
+    if dtype == "float16":
+        limit = float(np.finfo(np.float16).max)
+        clipped = np.clip(array, -limit, limit)
+        stats.values_clamped += int(np.count_nonzero(clipped != array))
+        return clipped.astype(np.float16)
+    if dtype == "bfloat16":
+        import ml_dtypes  # onnx's own dependency; numpy has no bfloat16
+
+        return array.astype(ml_dtypes.bfloat16)
+    raise ValueError(dtype)
+
+
+def convert_graph(fp32_model, policy: PrecisionPolicy):
+    """A new ONNX model computing as ``policy`` says; FP32 in/out. Returns ``(model, stats)``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32_model)
+    stats = ConversionStats()
+    if policy.strict_reductions:
+        _decompose(model)
+        stats.decomposed = True
+    types = _infer_types(model)
+    constants = _constant_values(model)
+    graph = model.graph
+    dtype_of: dict[str, int] = {name: t for name, t in types.items()}
+    cast_cache: dict[tuple[str, int], str] = {}
+    new_inits = []
+    nodes = []
+
+    def converted_name(name: str, target: int) -> str:
+        """``name`` as a tensor of onnx type ``target``: a converted constant or a Cast."""
+        if dtype_of.get(name) == target:
+            return name
+        key = (name, target)
+        if key in cast_cache:
+            return cast_cache[key]
+        suffix = _ONNX_TO_DTYPE[target]
+        new = f"{name}__{suffix}"
+        if name in constants:
+            array = _to_dtype(constants[name], suffix, stats)
+            new_inits.append(numpy_helper.from_array(array, new))
+            stats.constants_converted += 1
+        else:
+            nodes.append(helper.make_node("Cast", [name], [new], name=f"{TAG_PREFIX}cast/{new}", to=target))
+            stats.casts_inserted += 1
+        dtype_of[new] = target
+        cast_cache[key] = new
+        return new
+
+    for node in graph.node:
+        float_inputs = [i for i, name in enumerate(node.input) if name and dtype_of.get(name) in FLOAT_TYPES]
+        float_outputs = [name for name in node.output if name and types.get(name) in FLOAT_TYPES]
+        if not float_inputs and not float_outputs:
+            nodes.append(node)
+            continue
+        op_class = op_class_of(node)
+        if op_class is not None:
+            target = _DTYPE_TO_ONNX[policy.dtype_of(op_class)]
+            data_inputs = float_inputs
+            if node.op_type == "Where":
+                data_inputs = [i for i in float_inputs if i != 0]
+            for i in data_inputs:
+                node.input[i] = converted_name(node.input[i], target)
+        elif node.op_type in LAYOUT_OPS:
+            # Follow the data input; weight tables (Gather of an initializer) are
+            # stored in the residual-stream dtype rather than cast at run time.
+            data = node.input[0]
+            if data in constants:
+                target = _DTYPE_TO_ONNX[policy.elementwise]
+                node.input[0] = converted_name(data, target)
+            target = dtype_of.get(node.input[0], TensorProto.FLOAT)
+            for i in float_inputs[1:]:
+                node.input[i] = converted_name(node.input[i], target)
+        elif node.op_type in SOURCE_OPS:
+            target = _DTYPE_TO_ONNX[policy.elementwise]
+            if node.op_type == "Cast" and float_outputs:
+                for attr in node.attribute:
+                    if attr.name == "to":
+                        attr.i = target
+            elif node.op_type == "Constant":
+                target = types.get(node.output[0], TensorProto.FLOAT)  # converted where consumed
+        elif node.op_type in NON_FLOAT_OPS:
+            # Comparisons of floats need one dtype on both sides.
+            target = dtype_of.get(node.input[float_inputs[0]]) if float_inputs else TensorProto.BOOL
+            for i in float_inputs[1:]:
+                node.input[i] = converted_name(node.input[i], target)
+        else:
+            raise UnsupportedOpError(
+                f"the precision converter does not know how to place {node.op_type!r} (node {node.name!r}); "
+                "add it to engines/onnx_precision.py (its op class in engines/precision.py)"
+            )
+        for name in float_outputs:
+            dtype_of[name] = target
+        nodes.append(node)
+
+    # Outputs stay FP32: rename the low-precision tensor and cast it back.
+    for output in graph.output:
+        if dtype_of.get(output.name) != TensorProto.FLOAT and dtype_of.get(output.name) in FLOAT_TYPES:
+            low = f"{output.name}__{_ONNX_TO_DTYPE[dtype_of[output.name]]}"
+            for node in nodes:
+                node.output[:] = [low if o == output.name else o for o in node.output]
+                node.input[:] = [low if i == output.name else i for i in node.input]
+            nodes.append(helper.make_node("Cast", [low], [output.name], name=f"{TAG_PREFIX}cast/output", to=TensorProto.FLOAT))
+            stats.casts_inserted += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    # Constants now used only through converted copies are dropped.
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used or init.name in {o.name for o in graph.output}]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.value_info[:]
+    model.doc_string = f"precision policy {policy.name}: {policy.summary()} (converter v{CONVERTER_VERSION})"
+    onnx.checker.check_model(model, full_check=False)
+    return model, stats
+
+
+# --- verification -------------------------------------------------------------------------
+
+
+def graph_precision(model) -> dict[str, dict[str, int]]:
+    """``{op_type: {dtype: node count}}`` over the float compute nodes of ``model``."""
+    types = _infer_types(model)
+    table: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for node in model.graph.node:
+        if op_class_of(node) is None:
+            continue
+        dtypes = [types.get(name) for name in node.input if name and types.get(name) in FLOAT_TYPES]
+        if not dtypes:
+            continue
+        key = node.op_type if not node.name.startswith(TAG_PREFIX) else f"{node.op_type}({op_class_of(node)})"
+        table[key][_ONNX_TO_DTYPE[dtypes[0]]] += 1
+    return {op: dict(counts) for op, counts in sorted(table.items())}
+
+
+def check_graph_policy(model, policy: PrecisionPolicy) -> dict[str, dict[str, int]]:
+    """Raise unless every compute node runs in its class's dtype; return the dtype table."""
+    types = _infer_types(model)
+    problems = []
+    seen = collections.Counter()
+    for node in model.graph.node:
+        op_class = op_class_of(node)
+        if op_class is None:
+            continue
+        dtypes = {types.get(name) for name in node.input if name and types.get(name) in FLOAT_TYPES}
+        if node.op_type == "Where":
+            dtypes = {types.get(name) for name in node.input[1:] if types.get(name) in FLOAT_TYPES}
+        if not dtypes:
+            continue
+        seen[op_class] += 1
+        want = _DTYPE_TO_ONNX[policy.dtype_of(op_class)]
+        if dtypes != {want}:
+            problems.append(
+                f"{node.op_type} {node.name!r} ({op_class}) computes in {sorted(_ONNX_TO_DTYPE[d] for d in dtypes)}, "
+                f"policy says {policy.dtype_of(op_class)}"
+            )
+    for op_class in ("matmul", "softmax", "layernorm"):
+        if not seen[op_class]:
+            problems.append(f"no {op_class} node found: the graph's precision cannot be verified")
+    for output in model.graph.output:
+        if output.type.tensor_type.elem_type != 1:
+            problems.append(f"graph output {output.name!r} is not FP32")
+    if problems:
+        raise GraphPolicyError(
+            f"precision graph for {policy.name!r} does not match its policy:\n  - " + "\n  - ".join(problems[:20])
+        )
+    return graph_precision(model)
