@@ -139,6 +139,10 @@ class Runner(abc.ABC):
             self._close()
             self._closed = True
 
+    def input_limits(self) -> tuple[int | None, int]:
+        """The largest (batch, sequence) this engine takes; None: no batch limit."""
+        return (None, self.model.max_positions)
+
     def describe(self) -> dict[str, Any]:
         """Backend facts for reports: name, runtime version, device, mode."""
         return {"backend": self.backend, "device": str(self.device)}

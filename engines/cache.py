@@ -106,7 +106,7 @@ class EngineCache:
         return self.root / "entries" / key
 
     @contextlib.contextmanager
-    def _lock(self, name: str) -> Iterator[None]:
+    def lock(self, name: str) -> Iterator[None]:
         from filelock import FileLock, Timeout
 
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ class EngineCache:
         key = cache_key(fields)
         kind = str(fields.get("artifact", "entry"))
         started = time.perf_counter()
-        with self._lock(key):
+        with self.lock(key):
             outcome = "built"
             note = ""
             force = self.rebuild and key not in self._rebuilt_this_session
@@ -224,7 +224,7 @@ class EngineCache:
         return CacheEntry(key, final, json.loads(json.dumps(fields, default=str)))
 
     def _update_index(self, key: str, fields: dict[str, Any], description: str) -> None:
-        with self._lock("index"):
+        with self.lock("index"):
             index_path = self.root / "index.json"
             try:
                 index = json.loads(index_path.read_text())

@@ -246,12 +246,14 @@ class FidelitySession:
                 self.report.add_note(note)
         return self._corpus[0]
 
-    def text_batches(self, model: LoadedModel) -> list[TokenBatch]:
-        """The profile's natural-text batches for ``model``, packed and padded."""
+    def text_batches(self, model: LoadedModel, limits: tuple[int | None, int] | None = None) -> list[TokenBatch]:
+        """The profile's natural-text batches for ``model``, packed and padded, within an engine's limits."""
         corpus = self.corpus()
+        max_batch, max_seq = limits or (None, model.max_positions)
         batches = []
         for batch, seq_len in self.options.profile.text_shapes:
-            seq_len = min(seq_len, model.max_positions)
+            seq_len = min(seq_len, model.max_positions, max_seq)
+            batch = min(batch, max_batch or batch)
             batches.append(packed_batch(corpus, model, batch=batch, seq_len=seq_len))
             batches.append(padded_batch(corpus, model, batch=batch, seq_len=seq_len))
         return batches

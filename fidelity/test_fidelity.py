@@ -27,11 +27,12 @@ def assert_fidelity(results: list[FidelityResult]) -> None:
 @given(data=st.data())
 def test_hypothesis_inputs(engine, fidelity_session, data) -> None:
     model = engine.model
+    engine_batch, engine_seq = engine.input_limits()
     batch = data.draw(
         token_batches(
             vocab_size=model.vocab_size,
-            max_batch=fidelity_session.options.profile.max_batch,
-            max_seq=fidelity_session.max_seq(model),
+            max_batch=min(fidelity_session.options.profile.max_batch, engine_batch or 1 << 30),
+            max_seq=min(fidelity_session.max_seq(model), engine_seq),
             special_ids=model.special_token_ids,
             pad_id=model.pad_token_id,
         ),
@@ -45,7 +46,7 @@ def test_hypothesis_inputs(engine, fidelity_session, data) -> None:
 def test_natural_text(engine, fidelity_session) -> None:
     results = [
         fidelity_session.check(engine, batch, input_kind="natural-text")
-        for batch in fidelity_session.text_batches(engine.model)
+        for batch in fidelity_session.text_batches(engine.model, engine.input_limits())
     ]
     if fidelity_session.is_gated(engine.policy.name):
         assert_fidelity(results)

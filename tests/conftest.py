@@ -21,3 +21,11 @@ def tiny_bert(offline_loader):
 @pytest.fixture(scope="session")
 def tiny_gpt2(offline_loader):
     return offline_loader.load("tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def engine_cache(tmp_path_factory):
+    """One engine cache for the test session: each model is exported once."""
+    from engines.cache import EngineCache
+
+    return EngineCache(tmp_path_factory.mktemp("engine-cache"))

@@ -73,3 +73,34 @@ def test_fidelity_session_writes_a_report_covering_every_combination(tmp_path):
         assert all("CUDA GPU" in reason for reason in data["skipped"].values()) or not data["skipped"]
         assert "SKIPPED" in proc.stdout or "skipped" in proc.stdout
     assert data["audits"]["tiny-gpt2/torch/hybrid"]["problems"] == []
+
+
+@pytest.mark.slow
+def test_onnx_backends_in_the_fidelity_run_and_a_warm_cache_rebuilds_nothing(tmp_path):
+    cache = tmp_path / "engine-cache"
+    args = [
+        "-m", "fidelity", "fidelity",
+        "--models", "tiny-bert,tiny-gpt2,minilm",
+        "--precisions", "fp32,fp16,bf16,hybrid",
+        "--backends", "torch,onnxrt",
+        "--input-profile", "ci",
+        f"--engine-cache={cache}",
+    ]
+    cold = run_pytest(*args, f"--fidelity-report={tmp_path / 'cold.json'}")
+    assert cold.returncode == 0, cold.stdout[-4000:] + cold.stderr[-2000:]
+    data = json.loads((tmp_path / "cold.json").read_text())
+    backends = {(r["model"], r["backend"], r["precision"]) for r in data["rows"]}
+    for model in ("tiny-bert", "tiny-gpt2", "minilm"):
+        for precision in ("fp32", "fp16", "hybrid"):
+            assert {(model, "torch", precision), (model, "onnxrt", precision)} <= backends
+        assert f"{model}/onnxrt/bf16" in data["skipped"]  # no BF16 kernels in ORT's CPU provider
+    assert data["engines"]["minilm/onnxrt/hybrid"]["graph_dtypes"]["MatMul"] == {"float16": 36}
+    assert all(r["runtime"].startswith("onnxruntime") for r in data["rows"] if r["backend"] == "onnxrt")
+    built = [e for e in data["engine_cache"]["events"] if e["outcome"] == "built"]
+    assert {e["kind"] for e in built} == {"onnx-fp32", "onnx-precision"}
+
+    warm = run_pytest(*args, f"--fidelity-report={tmp_path / 'warm.json'}")
+    assert warm.returncode == 0
+    events = json.loads((tmp_path / "warm.json").read_text())["engine_cache"]["events"]
+    assert events and {e["outcome"] for e in events} == {"hit"}  # no export, no conversion
+    assert "hit" in warm.stdout and "built" not in warm.stdout.split("engine cache")[-1].splitlines()[0]

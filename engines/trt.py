@@ -1,0 +1,309 @@
+"""TensorRT engine: backend ``trt`` (TensorRT >= 10, strongly typed networks).
+
+Written against the TensorRT 10/11 Python API (read with the docs of 10.16 and
+11.x; see docs/backends.md).  Not executed in this project's CI or on its lent
+GPU: neither has TensorRT.  Its tests run where ``import tensorrt`` works.
+
+Build: the policy's ONNX precision graph (explicit Casts: TensorRT 11 removed
+``BuilderFlag.FP16``, ``OBEY_PRECISION_CONSTRAINTS`` and layer precisions) is
+parsed with ``OnnxParser`` into a strongly typed network; one optimization
+profile covers batch x sequence (default 1-32 x 1-512, opt 8 x 128); TF32 is
+cleared so that FP32 means IEEE FP32; the timing cache persists next to the
+engine cache.  Before the build, the network's matrix-multiply, softmax and
+normalization layers are checked against the policy; after it, the engine
+inspector (detailed verbosity) must show the policy's low-precision formats, so
+an "FP16" engine that silently built in FP32 fails.
+
+Run: inputs and outputs are torch CUDA tensors bound with
+``set_tensor_address``; ``execute_async_v3`` runs on the current torch stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from engines.audit import PrecisionAudit, PrecisionMismatchError
+from engines.base import BackendUnavailableError, InvalidInputError, Runner, TokenBatch
+
+REQUIRES = "tensorrt>=10"
+INSTALL_HINT = (
+    "pip install --extra-index-url https://pypi.nvidia.com tensorrt (TensorRT 10 or 11 for your CUDA), "
+    "or run inside an NGC TensorRT container (nvcr.io/nvidia/tensorrt)"
+)
+ENGINE_FILE = "engine.plan"
+BUILD_LOG_FILE = "build.log"
+INSPECTOR_FILE = "inspector.json"
+_DATATYPE_WORDS = {"float32": ("FP32", "Float"), "float16": ("FP16", "Half"), "bfloat16": ("BF16",)}
+
+
+def import_tensorrt():
+    """``tensorrt`` >= 10, or BackendUnavailableError carrying the install hint."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendUnavailableError("TensorRT is not installed", INSTALL_HINT) from exc
+    major = int(trt.__version__.split(".")[0])
+    if major < 10:
+        raise BackendUnavailableError(f"TensorRT {trt.__version__} is too old; this backend needs {REQUIRES}", INSTALL_HINT)
+    return trt
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeProfile:
+    """One optimization profile for (batch, sequence); the same for both inputs."""
+
+    min: tuple[int, int] = (1, 1)
+    opt: tuple[int, int] = (8, 128)
+    max: tuple[int, int] = (32, 512)
+
+    def clipped(self, max_positions: int) -> "ShapeProfile":
+        def clip(shape):
+            return (shape[0], min(shape[1], max_positions))
+
+        return ShapeProfile(clip(self.min), clip(self.opt), clip(self.max))
+
+    def check(self, shape: tuple[int, int], engine: str) -> None:
+        if not all(lo <= s <= hi for lo, s, hi in zip(self.min, shape, self.max)):
+            raise InvalidInputError(
+                f"{engine}: input shape {shape} is outside the engine's optimization profile "
+                f"{self.min}..{self.max}; rebuild with a wider profile"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class BuilderOptions:
+    profile: ShapeProfile = ShapeProfile()
+    workspace_bytes: int = 8 << 30
+    builder_optimization_level: int = 3
+
+    def as_key(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def gpu_identity(device: torch.device) -> dict[str, str]:
+    props = torch.cuda.get_device_properties(device)
+    return {"gpu": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
+class _FileLogger:
+    """A TensorRT logger that keeps every message, for the builder log file."""
+
+    def __init__(self, trt) -> None:
+        outer = self
+
+        class Logger(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+
+            def log(self, severity, msg) -> None:
+                outer.lines.append(f"[{severity.name if hasattr(severity, 'name') else severity}] {msg}")
+
+        self.lines: list[str] = []
+        self.logger = Logger()
+
+    def write(self, path: Path) -> None:
+        path.write_text("\n".join(self.lines) + "\n")
+
+
+def check_network_types(network, policy, trt) -> list[str]:
+    """Problems with the parsed network's compute layers against the policy (before the build)."""
+    wanted = {
+        trt.LayerType.MATRIX_MULTIPLY: ("matmul", policy.matmul),
+        trt.LayerType.SOFTMAX: ("softmax", policy.softmax),
+        trt.LayerType.NORMALIZATION: ("layernorm", policy.layernorm),
+    }
+    names = {"float32": trt.DataType.FLOAT, "float16": trt.DataType.HALF, "bfloat16": trt.DataType.BF16}
+    problems = []
+    seen = set()
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.type not in wanted:
+            continue
+        op_class, dtype = wanted[layer.type]
+        seen.add(op_class)
+        got = layer.get_input(0).dtype
+        if got != names[dtype]:
+            problems.append(f"{layer.name} ({op_class}) takes {got}, policy says {dtype}")
+    if "matmul" not in seen:
+        problems.append("the network has no matrix-multiply layer")
+    return problems
+
+
+def inspector_datatypes(info: dict) -> set[str]:
+    """The tensor formats the built engine's layers use, as words like FP16/FP32."""
+    words = set()
+    for layer in info.get("Layers", []):
+        if not isinstance(layer, dict):
+            continue
+        for tensor in layer.get("Inputs", []) + layer.get("Outputs", []):
+            text = str(tensor.get("Format/Datatype", ""))
+            words.update(re.findall(r"FP32|FP16|BF16|Float|Half|Int64|Int32|Bool", text))
+    return words
+
+
+def check_engine_types(info: dict, policy) -> list[str]:
+    words = inspector_datatypes(info)
+    problems = []
+    for dtype in policy.low_precision_dtypes:
+        if not words & set(_DATATYPE_WORDS[dtype]):
+            problems.append(
+                f"the built engine shows no {dtype} tensor formats (found {sorted(words) or 'none'}): "
+                "it did not build in the precision its graph asks for"
+            )
+    if policy.is_reference and words & {"FP16", "Half", "BF16"}:
+        problems.append(f"the FP32 engine uses reduced-precision formats {sorted(words)}")
+    return problems
+
+
+class TensorRTRunner(Runner):
+    backend: ClassVar[str] = "trt"
+    install_hint: ClassVar[str] = INSTALL_HINT
+    uses_engine_cache: ClassVar[bool] = True
+
+    def __init__(self, model, policy, device: str, *, cache=None, options: BuilderOptions | None = None) -> None:
+        super().__init__(model, policy, device)
+        self.trt = import_tensorrt()
+        if self.device.type != "cuda":
+            raise BackendUnavailableError(f"TensorRT needs a CUDA device, got {self.device}")
+        from engines.cache import EngineCache
+
+        self.cache = cache or EngineCache()
+        self.options = options or BuilderOptions()
+        self.profile = self.options.profile.clipped(model.max_positions)
+        self.engine = None
+        self.context = None
+        self.memory: dict[str, int] = {}
+
+    def input_limits(self) -> tuple[int, int]:
+        return self.profile.max
+
+    # -- build -------------------------------------------------------------------
+    def _engine_fields(self, graph) -> dict[str, Any]:
+        return {
+            "artifact": "trt-engine",
+            "model": self.model.name,
+            "policy": self.policy.name,
+            "graph": graph.digest,
+            "tensorrt": self.trt.__version__,
+            **gpu_identity(self.device),
+            "builder": dataclasses.replace(self.options, profile=self.profile).as_key(),
+        }
+
+    def _timing_cache_path(self) -> Path:
+        ident = gpu_identity(self.device)
+        name = re.sub(r"[^A-Za-z0-9]+", "_", f"{ident['gpu']}-sm{ident['compute_capability']}-trt{self.trt.__version__}")
+        return self.cache.root / "timing" / f"{name}.cache"
+
+    def _build_plan(self, graph_path: Path, folder: Path) -> None:
+        trt = self.trt
+        log = _FileLogger(trt)
+        builder = trt.Builder(log.logger)
+        major = int(trt.__version__.split(".")[0])
+        # TensorRT 11 is always strongly typed (the flag is deprecated and ignored).
+        flags = 0 if major >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, log.logger)
+        try:
+            if not parser.parse_from_file(str(graph_path)):
+                errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+                raise RuntimeError("ONNX parser: " + "; ".join(errors))
+            problems = check_network_types(network, self.policy, trt)
+            if problems:
+                raise PrecisionMismatchError(f"{self.name}: the parsed network does not follow the policy: " + "; ".join(problems))
+            config = builder.create_builder_config()
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.options.workspace_bytes)
+            config.builder_optimization_level = self.options.builder_optimization_level
+            config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+            config.clear_flag(trt.BuilderFlag.TF32)  # policy FP32 means IEEE FP32
+            profile = builder.create_optimization_profile()
+            for name in ("input_ids", "attention_mask"):
+                profile.set_shape(name, self.profile.min, self.profile.opt, self.profile.max)
+            config.add_optimization_profile(profile)
+            timing_path = self._timing_cache_path()
+            with self.cache.lock(f"timing-{timing_path.stem}"):
+                blob = timing_path.read_bytes() if timing_path.exists() else b""
+                timing = config.create_timing_cache(blob)
+                config.set_timing_cache(timing, ignore_mismatch=False)
+                plan = builder.build_serialized_network(network, config)
+                if plan is None:
+                    raise RuntimeError("build_serialized_network returned None")
+                timing_path.parent.mkdir(parents=True, exist_ok=True)
+                timing_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+            (folder / ENGINE_FILE).write_bytes(bytes(plan))
+        except Exception as exc:
+            kept = self.cache.root / "failed-builds" / f"{self.model.name}-{self.policy.name}.log"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            log.write(kept)
+            if isinstance(exc, PrecisionMismatchError):
+                raise
+            raise RuntimeError(f"{self.name}: TensorRT build failed ({exc}); builder log: {kept}") from exc
+        log.write(folder / BUILD_LOG_FILE)
+
+    def _build(self) -> None:
+        from engines.onnx_graphs import precision_graph, verified_audit
+
+        trt = self.trt
+        graph = precision_graph(self.model, self.policy, self.cache)
+        graph_audit = verified_audit(graph, self.policy, engine=self.name)
+        entry = self.cache.get_or_build(
+            self._engine_fields(graph),
+            lambda folder: self._build_plan(graph.path, folder),
+            description=f"{self.name} TensorRT engine",
+        )
+        # Deserializing is trusting: only plans this suite's cache wrote and checksummed.
+        self._runtime = trt.Runtime(_FileLogger(trt).logger)
+        self.engine = self._runtime.deserialize_cuda_engine(entry.file(ENGINE_FILE).read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"{self.name}: the cached plan {entry.file(ENGINE_FILE)} does not deserialize")
+        self.context = self.engine.create_execution_context()
+        inspector = self.engine.create_engine_inspector()
+        inspector.execution_context = self.context
+        info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+        problems = check_engine_types(info, self.policy)
+        self.audit = PrecisionAudit(
+            engine=self.name,
+            policy=self.policy.name,
+            counts=dict(graph_audit.counts, **{f"engine-format:{w}": 1 for w in sorted(inspector_datatypes(info))}),
+            problems=problems,
+        )
+        if problems:
+            raise PrecisionMismatchError(f"{self.name}: " + "; ".join(problems))
+        self.memory = {
+            "device_memory_bytes": int(self.engine.device_memory_size_v2),
+            "plan_bytes": entry.file(ENGINE_FILE).stat().st_size,
+        }
+
+    # -- run ---------------------------------------------------------------------
+    def _infer(self, batch: TokenBatch) -> torch.Tensor:
+        self.profile.check(batch.shape, self.name)
+        ids = batch.input_ids.to(self.device).contiguous()
+        mask = batch.attention_mask.to(self.device).contiguous()
+        for name, tensor in (("input_ids", ids), ("attention_mask", mask)):
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        shape = tuple(self.context.get_tensor_shape("output"))
+        output = torch.empty(shape, dtype=torch.float32, device=self.device)
+        self.context.set_tensor_address("output", output.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"{self.name}: execute_async_v3 failed")
+        return output
+
+    def _close(self) -> None:
+        self.context = None
+        self.engine = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "runtime": f"TensorRT {self.trt.__version__}",
+            "device": str(self.device),
+            "profile": dataclasses.asdict(self.profile),
+            **self.memory,
+        }

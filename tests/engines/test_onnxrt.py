@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from engines.base import BackendUnavailableError
+from engines.onnx_export import check_batch
+from engines.onnxrt import CPU_NOTE, OnnxRuntimeRunner, providers_for
+from engines.precision import get_policy
+from engines.torch_eager import TorchReferenceRunner
+
+
+def test_hybrid_graph_runs_in_onnxruntime_and_matches(tiny_gpt2, engine_cache):
+    reference = TorchReferenceRunner(tiny_gpt2, "cpu").build()
+    runner = OnnxRuntimeRunner(tiny_gpt2, get_policy("hybrid"), "cpu", cache=engine_cache).build()
+    batch = check_batch(tiny_gpt2)
+    valid = batch.attention_mask.bool()
+    got, want = runner.infer(batch)[valid].double(), reference.infer(batch)[valid].double()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9998
+    info = runner.describe()
+    assert info["provider"] == "CPUExecutionProvider" and info["note"] == CPU_NOTE
+    assert info["runtime"].startswith("onnxruntime ")
+
+
+def test_bf16_on_the_cpu_provider_is_a_skip_with_the_reason(tiny_bert, engine_cache):
+    with pytest.raises(BackendUnavailableError, match="cannot run the bf16 graph"):
+        OnnxRuntimeRunner(tiny_bert, get_policy("bf16"), "cpu", cache=engine_cache).build()
+
+
+def test_gpu_without_a_gpu_provider_names_the_package():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    with pytest.raises(BackendUnavailableError, match="pip install onnxruntime-gpu"):
+        providers_for("cuda")
