@@ -33,7 +33,9 @@ import numpy as np
 
 from engines.precision import PrecisionPolicy
 
-CONVERTER_VERSION = 1
+# Bumped whenever converted graphs change, so cached ones are rebuilt.
+#   2: BF16 constants clamped to BF16's finite range (v1 turned the mask fill into -inf).
+CONVERTER_VERSION = 2
 TAG_PREFIX = "fidelity."  # node-name prefix naming the op class of decomposed ops
 
 _DTYPE_TO_ONNX = {"float32": 1, "float16": 10, "bfloat16": 16}
@@ -198,7 +200,12 @@ def _to_dtype(array: np.ndarray, dtype: str, stats: ConversionStats) -> np.ndarr
     if dtype == "bfloat16":
         import ml_dtypes  # onnx's own dependency; numpy has no bfloat16
 
-        return array.astype(ml_dtypes.bfloat16)
+        # FP32's extremes (the -3.4e38 mask fill) round *up* to infinity in BF16,
+        # whose largest finite value is 3.3895e38: clamp first, as for FP16.
+        limit = float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+        clipped = np.clip(array, -limit, limit)
+        stats.values_clamped += int(np.count_nonzero(clipped != array))
+        return clipped.astype(ml_dtypes.bfloat16)
     raise ValueError(dtype)
 
 

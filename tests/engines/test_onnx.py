@@ -74,13 +74,16 @@ def test_the_fp32_graph_fails_the_hybrid_check(model, engine_cache):
         check_graph_policy(fp32, get_policy("hybrid"))
 
 
-def test_fp16_constants_are_clamped_not_infinite(model, engine_cache):
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_low_precision_constants_are_clamped_not_infinite(model, engine_cache, precision):
+    # Found on the H100: v1 of the converter turned GPT-2's -3.4e38 mask fill into
+    # -inf in BF16, and left-padded batches came out NaN.
     fp32 = load_graph(fp32_graph(model, engine_cache).file("model.onnx"))
-    converted, stats = convert_graph(fp32, get_policy("fp16"))
+    converted, stats = convert_graph(fp32, get_policy(precision))
     assert stats.values_clamped > 0  # the -3.4e38 attention-mask fill
     for init in converted.graph.initializer:
-        if init.data_type == TensorProto.FLOAT16:
-            assert np.isfinite(numpy_helper.to_array(init)).all(), init.name
+        if init.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+            assert np.isfinite(numpy_helper.to_array(init).astype(np.float32)).all(), init.name
 
 
 def _single_op_model(op_type: str, **attrs):
@@ -141,3 +144,11 @@ def test_onnx_engines_report_a_graph_audit(tiny_bert, engine_cache):
     assert runner.describe()["graph_dtypes"]["LayerNormalization"] == {"float32": 5}
     ids = torch.tensor([[101, 2023, 102]])
     assert runner.infer(TokenBatch(ids, torch.ones_like(ids))).shape == (1, 3, 64)
+
+
+def test_left_padded_gpt2_stays_finite_in_the_bf16_graph(tiny_gpt2, engine_cache):
+    runner = OnnxTorchRunner(tiny_gpt2, get_policy("bf16"), "cpu", cache=engine_cache).build()
+    ids = torch.tensor([[50256, 50256, 464, 3290, 318], [464, 3290, 318, 257, 1332]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out = runner.infer(TokenBatch(ids, mask))
+    assert torch.isfinite(out[mask.bool()]).all()
