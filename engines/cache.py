@@ -57,9 +57,8 @@ def default_cache_root() -> Path:
     env = os.environ.get("FIDELITY_ENGINE_CACHE")
     if env:
         return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("transformer-fidelity-suite"))
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "transformer-fidelity-suite" / "engines"
 
 
 def cache_key(fields: dict[str, Any]) -> str:
