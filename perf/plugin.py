@@ -1,0 +1,147 @@
+"""pytest plugin for the latency and memory gate.
+
+Baselines live in ``baselines/<machine id>/`` (pytest-benchmark's own JSON, with
+per-round samples).  With ``--benchmark-compare``, every ``perf`` test compares
+itself with the newest baseline of this machine and fails *as a test item* when
+it is slower beyond the threshold and the difference is significant, or when its
+peak device memory grew beyond the threshold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from perf.baselines import Baseline, BaselineMismatchError, check_compatible, latest_baseline, machine_dir, machine_facts
+from perf.session import GRIDS, PerfSession
+from perf.stats import DEFAULT_ALPHA, DEFAULT_THRESHOLD
+
+PERF_KEY = pytest.StashKey[PerfSession]()
+DEFAULT_STORAGE = "file://./.benchmarks"
+MARKER_KWARGS = {"threshold"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("perf", "latency and memory regression gate")
+    group.addoption(
+        "--perf-grid",
+        default=None,
+        choices=sorted(GRIDS),
+        help="batch x sequence grid (default: 'default', b1s128 b8s128 b32s512, on CUDA; 'cpu' on the CPU)",
+    )
+    group.addoption("--perf-rounds", type=int, default=None, help="timed rounds per benchmark (default 50 on CUDA, 10 on CPU)")
+    group.addoption("--perf-warmup", type=int, default=None, help="untimed warm-up rounds (default 10 on CUDA, 2 on CPU)")
+    group.addoption(
+        "--perf-threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="slowdown (and memory growth) that fails a test, as a fraction (default 0.10); per test: @pytest.mark.perf(threshold=...)",
+    )
+    group.addoption("--perf-alpha", type=float, default=DEFAULT_ALPHA, help="significance level of the Mann-Whitney test")
+    group.addoption("--require-baseline", action="store_true", help="fail when this machine has no stored baseline")
+    group.addoption("--no-cpu-baseline", action="store_true", help="skip the in-run CPU FP32 baseline (no speedup figures)")
+    group.addoption(
+        "--perf-slow-engine",
+        action="append",
+        default=[],
+        metavar="PATTERN=MS",
+        help="test only: add MS milliseconds to every timed call of engines matching PATTERN (model/backend/precision)",
+    )
+
+
+def _parse_slow(items: list[str]) -> list[tuple[str, float]]:
+    parsed = []
+    for item in items:
+        pattern, sep, ms = item.rpartition("=")
+        if not sep or not pattern:
+            raise pytest.UsageError(f"--perf-slow-engine expects PATTERN=MS, got {item!r}")
+        parsed.append((pattern, float(ms) / 1e3))
+    return parsed
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    from engines.env import DeviceUnavailableError, resolve_device
+
+    try:
+        device = resolve_device(config.getoption("--device"))
+    except DeviceUnavailableError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    folder = machine_dir(device)
+    storage_given = config.getoption("benchmark_storage", DEFAULT_STORAGE) != DEFAULT_STORAGE
+    if not storage_given and hasattr(config.option, "benchmark_storage"):
+        config.option.benchmark_storage = f"file://{folder}"
+    if getattr(config.option, "benchmark_save", None) or getattr(config.option, "benchmark_autosave", False):
+        config.option.benchmark_save_data = True  # the gate needs every round, not just the summary
+    compare = bool(getattr(config.option, "benchmark_compare", None))
+    baseline_path = latest_baseline(Path(str(config.option.benchmark_storage).removeprefix("file://"))) if compare else None
+    note = None
+    if compare and baseline_path is None:
+        message = (
+            f"no baseline for machine {folder.name} under {folder}: run "
+            f"`pytest -m perf --benchmark-save=baseline` on this machine to record one"
+        )
+        if config.getoption("--require-baseline"):
+            raise pytest.UsageError(message)
+        note = message
+        config.option.benchmark_compare = []  # pytest-benchmark would only warn; the tests say it instead
+    baseline = None
+    if baseline_path is not None:
+        try:
+            baseline = Baseline(baseline_path)
+            check_compatible(baseline.facts, machine_facts(device), source=baseline_path)
+        except BaselineMismatchError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    session = PerfSession(
+        device=device,
+        grid=config.getoption("--perf-grid") or ("default" if device.startswith("cuda") else "cpu"),
+        rounds=config.getoption("--perf-rounds"),
+        warmup=config.getoption("--perf-warmup"),
+        threshold=config.getoption("--perf-threshold"),
+        alpha=config.getoption("--perf-alpha"),
+        baseline=baseline,
+        gate=compare,
+        cpu_baseline=not config.getoption("--no-cpu-baseline"),
+        slow_engines=_parse_slow(config.getoption("--perf-slow-engine")),
+    )
+    session.no_baseline_note = note
+    config.stash[PERF_KEY] = session
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "perf_shape" in metafunc.fixturenames:
+        session = metafunc.config.stash[PERF_KEY]
+        shapes = GRIDS[session.grid]
+        metafunc.parametrize("perf_shape", shapes, ids=[f"b{b}s{s}" for b, s in shapes])
+
+
+@pytest.fixture(scope="session")
+def perf_session(request: pytest.FixtureRequest) -> PerfSession:
+    return request.config.stash[PERF_KEY]
+
+
+@pytest.fixture
+def perf_threshold(request: pytest.FixtureRequest, perf_session: PerfSession) -> float:
+    marker = request.node.get_closest_marker("perf")
+    if marker is None:
+        return perf_session.threshold
+    unknown = set(marker.kwargs) - MARKER_KWARGS
+    if unknown:
+        raise pytest.UsageError(f"@pytest.mark.perf got unknown arguments {sorted(unknown)}; allowed: {sorted(MARKER_KWARGS)}")
+    return float(marker.kwargs.get("threshold", perf_session.threshold))
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    session = config.stash.get(PERF_KEY, None)
+    if session is not None:
+        machine_info["fidelity_suite"] = machine_facts(session.device)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    session = config.stash.get(PERF_KEY, None)
+    if session is None or not session.results:
+        return
+    terminalreporter.write_sep("=", "latency gate")
+    for line in session.summary_lines():
+        terminalreporter.write_line(line)
