@@ -1,0 +1,78 @@
+"""The latency gate end to end on the CPU: save a baseline, compare, and catch a slowed engine."""
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SELECT = ["-m", "perf", "perf", "--models", "tiny-bert", "--precisions", "fp32,hybrid", "--backends", "torch",
+          "--perf-rounds", "12", "--perf-warmup", "3", "--no-cpu-baseline", "-p", "no:cacheprovider"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "pytest", *SELECT, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("baselines") / "cpu-machine"
+    proc = run(f"--benchmark-storage=file://{storage}", "--benchmark-save=baseline")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    files = list(storage.rglob("*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["machine_info"]["fidelity_suite"]["machine_id"].startswith("cpu-")
+    assert all(len(b["stats"]["data"]) == 12 for b in data["benchmarks"])  # every round kept for the gate
+    assert {b["extra_info"]["engine"] for b in data["benchmarks"]} == {"tiny-bert/torch/fp32", "tiny-bert/torch/hybrid"}
+    return storage
+
+
+@pytest.mark.slow
+def test_same_stack_passes_and_a_slowed_engine_fails_its_own_items(saved, tmp_path):
+    same = run(f"--benchmark-storage=file://{saved}", "--benchmark-compare", "--perf-threshold=0.5")
+    assert same.returncode == 0, same.stdout[-3000:]
+    assert "baseline:" in same.stdout
+
+    junit = tmp_path / "junit.xml"
+    slowed = run(
+        f"--benchmark-storage=file://{saved}", "--benchmark-compare",
+        "--perf-slow-engine", "tiny-bert/torch/hybrid=25", f"--junitxml={junit}",
+    )
+    assert slowed.returncode == 1
+    cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
+    failed = {name for name, case in cases.items() if case.find("failure") is not None}
+    assert failed and all("tiny-bert/torch/hybrid" in name for name in failed)
+    assert len(failed) == 2  # both shapes of the slowed engine, nothing else
+    message = next(iter(failed_case.find("failure").get("message") for n, failed_case in cases.items() if n in failed))
+    assert "x slower (median" in message and "p=" in message
+
+
+@pytest.mark.slow
+def test_no_baseline_runs_and_says_how_to_save_one(tmp_path):
+    empty = tmp_path / "none"
+    proc = run(f"--benchmark-storage=file://{empty}", "--benchmark-compare")
+    assert proc.returncode == 0
+    assert "no baseline for machine" in proc.stdout and "--benchmark-save=baseline" in proc.stdout
+    strict = run(f"--benchmark-storage=file://{empty}", "--benchmark-compare", "--require-baseline")
+    assert strict.returncode == 4 and "no baseline for machine" in strict.stderr
+
+
+@pytest.mark.slow
+def test_baseline_from_another_architecture_is_refused(saved, tmp_path):
+    foreign = tmp_path / "foreign"
+    for file in saved.rglob("*.json"):
+        data = json.loads(file.read_text())
+        data["machine_info"]["fidelity_suite"]["machine_id"] = "sm80-NVIDIA_A100_SXM4_80GB"
+        target = foreign / file.relative_to(saved)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(data))
+    proc = run(f"--benchmark-storage=file://{foreign}", "--benchmark-compare")
+    assert proc.returncode == 4
+    assert "recorded for machine_id 'sm80-NVIDIA_A100_SXM4_80GB'" in proc.stderr and "it is not compared" in proc.stderr
