@@ -355,7 +355,12 @@ class ModelLoader:
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
         module, weights_source, model_dir = self._load_weights(spec)
-        tokenizer, tokenizer_source = self._load_tokenizer(spec, model_dir)
+        try:
+            tokenizer, tokenizer_source = self._load_tokenizer(spec, model_dir)
+        except ModelLoadError as exc:
+            # Token-id inputs (Hypothesis, benchmarks) need no tokenizer; natural
+            # text does, and says why it is missing.
+            tokenizer, tokenizer_source = None, f"unavailable: {exc}"
         return _finish(spec, module, weights_source, tokenizer, tokenizer_source)
 
     def _load_weights(self, spec: ModelSpec):

@@ -171,6 +171,11 @@ def load_corpus(wikitext_path: Path | None = None) -> tuple[TextCorpus, list[str
 # --- batching ------------------------------------------------------------------------
 
 
+def _require_tokenizer(model: LoadedModel) -> None:
+    if model.tokenizer is None:
+        raise CorpusError(f"{model.name} has no tokenizer, so natural text cannot be fed to it ({model.tokenizer_source})")
+
+
 def _token_stream(model: LoadedModel, paragraphs: Iterable[str], limit: int) -> list[int]:
     tokenizer = model.tokenizer
     stream: list[int] = []
@@ -191,8 +196,7 @@ def _framing(model: LoadedModel) -> tuple[list[int], list[int]]:
 
 def packed_batch(corpus: TextCorpus, model: LoadedModel, *, batch: int, seq_len: int) -> TokenBatch:
     """Consecutive windows of running text, every position valid (no padding)."""
-    if model.tokenizer is None:
-        raise CorpusError(f"{model.name} has no tokenizer, so natural text cannot be fed to it")
+    _require_tokenizer(model)
     head, tail = _framing(model)
     body = seq_len - len(head) - len(tail)
     if body < 1:
@@ -210,8 +214,7 @@ def packed_batch(corpus: TextCorpus, model: LoadedModel, *, batch: int, seq_len:
 
 def padded_batch(corpus: TextCorpus, model: LoadedModel, *, batch: int, seq_len: int) -> TokenBatch:
     """One paragraph per row, truncated to ``seq_len`` and right-padded: real padding patterns."""
-    if model.tokenizer is None:
-        raise CorpusError(f"{model.name} has no tokenizer, so natural text cannot be fed to it")
+    _require_tokenizer(model)
     head, tail = _framing(model)
     body = seq_len - len(head) - len(tail)
     paragraphs = corpus.paragraphs()

@@ -163,13 +163,19 @@ def fidelity_session(request: pytest.FixtureRequest) -> FidelitySession:
 def engine(request: pytest.FixtureRequest, fidelity_session: FidelitySession) -> Iterator[Runner]:
     """One built engine per model x backend x precision, kept for the session's tests on it."""
     case: EngineCase = request.param
+    skip = failure = None
     try:
         runner = fidelity_session.build_engine(case)
     except BackendUnavailableError as exc:
         fidelity_session.report.add_skip(case.id, str(exc))
-        pytest.skip(str(exc))
+        skip = str(exc)
     except (ModelLoadError, ExportError, EngineCacheError) as exc:
-        pytest.fail(str(exc), pytrace=False)
+        failure = str(exc)
+    # Outside the except blocks: the message alone, not a chained traceback.
+    if skip:
+        pytest.skip(skip)
+    if failure:
+        pytest.fail(failure, pytrace=False)
     yield runner
     runner.close()
 

@@ -44,6 +44,8 @@ def test_hypothesis_inputs(engine, fidelity_session, data) -> None:
 
 
 def test_natural_text(engine, fidelity_session) -> None:
+    if engine.model.tokenizer is None:
+        pytest.fail(f"{engine.model.name}: {engine.model.tokenizer_source}", pytrace=False)
     results = [
         fidelity_session.check(engine, batch, input_kind="natural-text")
         for batch in fidelity_session.text_batches(engine.model, engine.input_limits())

@@ -2,8 +2,9 @@
 
 The gate follows asv and pyperf: a regression needs both an effect larger than
 the threshold (median ratio) *and* significance on the recorded samples
-(two-sided Mann-Whitney U, normal approximation with tie correction), and a run
-whose own spread exceeds the threshold is inconclusive rather than a regression.
+(two-sided Mann-Whitney U, normal approximation with tie correction), and an
+effect no larger than the runs' own spread (IQR/median) is inconclusive rather
+than a regression.
 """
 
 from __future__ import annotations
@@ -111,9 +112,14 @@ def compare_samples(
     def result(verdict: str, note: str = "") -> Comparison:
         return Comparison(name, verdict, ratio, cand_median, base_median, p, threshold, note)
 
-    beyond = abs(ratio - 1.0) > threshold
-    if beyond and spread > threshold:
-        return result("inconclusive", f"spread {spread:.0%} (IQR/median) exceeds the threshold: the machine is noisy")
+    effect = abs(ratio - 1.0)
+    # An effect beyond the threshold but within the run's own spread is noise:
+    # inconclusive, not a verdict either way.
+    if effect > threshold and effect <= spread:
+        return result(
+            "inconclusive",
+            f"spread {spread:.0%} (IQR/median) is as large as the difference: the machine is noisy",
+        )
     if ratio > 1.0 + threshold and p < alpha:
         return result("regression")
     if ratio < 1.0 / (1.0 + threshold) and p < alpha:
