@@ -40,6 +40,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--perf-alpha", type=float, default=DEFAULT_ALPHA, help="significance level of the Mann-Whitney test")
     group.addoption("--require-baseline", action="store_true", help="fail when this machine has no stored baseline")
+    group.addoption(
+        "--perf-gate-backends",
+        default=None,
+        help="backends whose regressions fail tests (default on CUDA: every backend but eager 'torch', whose "
+        "Python-bound timings moved 1.5x between sessions on the H100; on the CPU: all)",
+    )
     group.addoption("--no-cpu-baseline", action="store_true", help="skip the in-run CPU FP32 baseline (no speedup figures)")
     group.addoption(
         "--perf-slow-engine",
@@ -58,6 +64,17 @@ def _parse_slow(items: list[str]) -> list[tuple[str, float]]:
             raise pytest.UsageError(f"--perf-slow-engine expects PATTERN=MS, got {item!r}")
         parsed.append((pattern, float(ms) / 1e3))
     return parsed
+
+
+def _gate_backends(value: str | None, device: str) -> frozenset[str] | None:
+    """The backends the gate may fail; None means all."""
+    if value:
+        return frozenset(v.strip() for v in value.split(",") if v.strip())
+    if device.startswith("cuda"):
+        from engines.registry import BACKENDS
+
+        return frozenset(BACKENDS) - {"torch"}
+    return None
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -104,6 +121,7 @@ def pytest_configure(config: pytest.Config) -> None:
         gate=compare,
         cpu_baseline=not config.getoption("--no-cpu-baseline"),
         slow_engines=_parse_slow(config.getoption("--perf-slow-engine")),
+        gate_backends=_gate_backends(config.getoption("--perf-gate-backends"), device),
     )
     session.no_baseline_note = note
     config.stash[PERF_KEY] = session

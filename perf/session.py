@@ -72,6 +72,7 @@ class PerfSession:
         gate: bool,
         cpu_baseline: bool,
         slow_engines: list[tuple[str, float]],
+        gate_backends: frozenset[str] | None = None,
     ) -> None:
         kind = device.split(":")[0]
         self.device = device
@@ -84,10 +85,15 @@ class PerfSession:
         self.gate_enabled = gate
         self.cpu_baseline_enabled = cpu_baseline
         self.slow_engines = slow_engines
+        self.gate_backends = gate_backends
         self.no_baseline_note: str | None = None
         self.results: list[PerfResult] = []
         self._cpu_runners: dict[str, Runner] = {}
         self._cpu_medians: dict[tuple[str, int, int], float] = {}
+
+    def gates(self, backend: str) -> bool:
+        """Whether a regression of this backend fails its test (others are compared and reported)."""
+        return self.gate_backends is None or backend in self.gate_backends
 
     def injected_delay(self, engine_id: str) -> float:
         return sum(delay for pattern, delay in self.slow_engines if fnmatch.fnmatch(engine_id, pattern))
@@ -157,6 +163,8 @@ class PerfSession:
             speed = f"{r.speedup_over_cpu:7.1f}x CPU" if r.speedup_over_cpu else "       -   "
             memory = f"{r.peak_device_bytes / 2**20:8.1f} MiB" if r.peak_device_bytes else "       -    "
             verdicts = ", ".join(c.verdict for c in r.comparisons) or r.note or "measured"
+            if r.comparisons and not self.gates(r.engine.split("/")[1]):
+                verdicts += " (not gated)"
             lines.append(f"{r.engine:32} b{r.shape[0]:<2} s{r.shape[1]:<4} median {r.median_s * 1e3:9.3f} ms  {speed}  {memory}  {verdicts}")
         return lines
 

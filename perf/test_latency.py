@@ -29,5 +29,5 @@ def test_latency(engine, perf_shape, benchmark, perf_session, perf_threshold) ->
     for comparison in perf_session.gate(result, list(benchmark.stats.stats.data), threshold=perf_threshold):
         if comparison.verdict == "regression":
             failures.append(format_memory(comparison) if comparison.note == "peak device memory" else comparison.message())
-    if failures:
+    if failures and perf_session.gates(engine.backend):
         pytest.fail("\n".join(failures), pytrace=False)
