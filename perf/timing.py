@@ -56,9 +56,9 @@ class TimedEngine:
 
     def __call__(self, prepared: TokenBatch) -> None:
         self.runner.run(prepared)
-        if self.injected_delay_s:
-            time.sleep(self.injected_delay_s)
         self._sync()
+        if self.injected_delay_s:  # after the sync: a host sleep must not hide behind GPU work
+            time.sleep(self.injected_delay_s)
 
 
 def median_seconds(call: TimedEngine, *, warmup: int, rounds: int) -> float:
