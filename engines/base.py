@@ -119,8 +119,8 @@ class Runner(abc.ABC):
             self._built = True
         return self
 
-    def infer(self, batch: TokenBatch) -> torch.Tensor:
-        """FP32 output [batch, sequence, features] on this engine's device."""
+    def _check(self, batch: TokenBatch) -> None:
+        """Build on first use, then refuse input this model cannot take."""
         if not self._built:
             self.build()
         validate_batch(
@@ -129,6 +129,10 @@ class Runner(abc.ABC):
             max_positions=self.model.max_positions,
             model_name=self.model.name,
         )
+
+    def infer(self, batch: TokenBatch) -> torch.Tensor:
+        """FP32 output [batch, sequence, features] on this engine's device."""
+        self._check(batch)
         output = self._infer(batch)
         if output.dtype != torch.float32:
             output = output.float()
@@ -136,14 +140,7 @@ class Runner(abc.ABC):
 
     def prepare(self, batch: TokenBatch) -> TokenBatch:
         """Validate ``batch`` once and stage it on the engine's device, for :meth:`run`."""
-        if not self._built:
-            self.build()
-        validate_batch(
-            batch,
-            vocab_size=self.model.vocab_size,
-            max_positions=self.model.max_positions,
-            model_name=self.model.name,
-        )
+        self._check(batch)
         return TokenBatch(batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.source)
 
     def run(self, prepared: TokenBatch) -> torch.Tensor:
