@@ -403,11 +403,8 @@ class ModelLoader:
     def _load_tokenizer(self, spec: ModelSpec, model_dir):
         if isinstance(model_dir, Path) and _has_tokenizer_files(model_dir):
             return _load_tokenizer(model_dir, local_only=True), str(model_dir)
-        if isinstance(model_dir, str):  # a hub id that just loaded
-            try:
-                return _load_tokenizer(model_dir, local_only=hub_offline()), f"hub:{model_dir}"
-            except OSError:
-                pass
+        # The weights came from the hub (model_dir is its id) or not from anywhere:
+        # the hub's tokenizer, where it can be had, else the stand-in.
         if spec.hub_id and self._hub_mode() != "unreachable":
             try:
                 tokenizer = _load_tokenizer(spec.hub_id, local_only=(self._hub_mode() == "cache"))
