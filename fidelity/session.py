@@ -9,27 +9,24 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from engines.base import BackendUnavailableError, Runner, TokenBatch
 from engines.cache import EngineCache
 from engines.env import configure_fp32_reference_math, environment_info, resolve_device
-from engines.models import MODEL_SPECS, LoadedModel, ModelLoader, get_spec
+from engines.models import LoadedModel, ModelLoader, get_spec
 from engines.precision import POLICIES, PrecisionPolicy, get_policy
-from engines.registry import BACKENDS, default_backends, get_backend
+from engines.registry import default_backends, get_backend
 from engines.torch_eager import TorchReferenceRunner
 from fidelity.corpus import TextCorpus, load_corpus, packed_batch, padded_batch
 from fidelity.metrics import CompareContext, FidelityResult, compare_outputs, tolerance_for
 from fidelity.report import FidelityReport
 from fidelity.strategies import INPUT_PROFILES, InputProfile
 
-log = logging.getLogger("fidelity")
 
 DEFAULT_MODELS = ("tiny-bert", "tiny-gpt2", "minilm")
 DEFAULT_PRECISIONS = tuple(POLICIES)
@@ -176,7 +173,6 @@ class FidelitySession:
         self._references: dict[str, TorchReferenceRunner] = {}
         self._reference_outputs = ReferenceCache(REFERENCE_CACHE_BYTES[self.device.split(":")[0]])
         self._corpus: tuple[TextCorpus, list[str]] | None = None
-        self.engine_descriptions: dict[str, dict[str, Any]] = {}
         self.environment = environment_info(self.device)
         self.report = FidelityReport(
             command=command,
@@ -233,7 +229,6 @@ class FidelitySession:
         runner = runner_cls(model, policy, self.device, **options)
         runner.build()
         description = dict(runner.describe(), build_seconds=round(time.perf_counter() - started, 3))
-        self.engine_descriptions[case.id] = description
         self.report.add_engine(case.id, description)
         self.report.add_audit(runner.name, runner.audit.as_dict() if runner.audit else None)
         return runner
@@ -279,7 +274,7 @@ class FidelitySession:
             input_source=batch.source,
             tokenizer=model.tokenizer_source,
             weights=model.weights_source,
-            runtime=self.engine_descriptions.get(engine.name, {}).get("runtime", ""),
+            runtime=self.report.engines.get(engine.name, {}).get("runtime", ""),
         )
         result = compare_outputs(output, reference, batch, context, tolerance_for(engine.policy.name, self.options.cosine_min))
         self.report.record(result, input_kind=input_kind, gated=self.is_gated(engine.policy.name))
