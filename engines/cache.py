@@ -61,6 +61,11 @@ def default_cache_root() -> Path:
     return Path(base) / "transformer-fidelity-suite" / "engines"
 
 
+def _as_json(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` as they read back from JSON (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(fields, default=str))
+
+
 def cache_key(fields: dict[str, Any]) -> str:
     payload = json.dumps({"schema": CACHE_SCHEMA_VERSION, **fields}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
@@ -136,7 +141,7 @@ class EngineCache:
         if manifest.get("writer") != WRITER or manifest.get("schema") != CACHE_SCHEMA_VERSION:
             raise ValueError("not written by this suite's cache (schema or writer differs)")
         recorded = manifest.get("fields", {})
-        if recorded != json.loads(json.dumps(fields, default=str)):
+        if recorded != fields:
             differing = sorted(k for k in set(recorded) | set(fields) if recorded.get(k) != fields.get(k))
             raise ForeignEntryError(
                 f"cache entry {key} was built for other "
@@ -155,6 +160,7 @@ class EngineCache:
         self, fields: dict[str, Any], build: Callable[[Path], Any], *, description: str = ""
     ) -> CacheEntry:
         """The entry for ``fields``, building it with ``build(folder)`` when absent or bad."""
+        fields = _as_json(fields)  # compared with, and stored as, what a manifest reads back
         key = cache_key(fields)
         kind = str(fields.get("artifact", "entry"))
         started = time.perf_counter()
@@ -199,7 +205,7 @@ class EngineCache:
                 "writer": WRITER,
                 "schema": CACHE_SCHEMA_VERSION,
                 "key": key,
-                "fields": json.loads(json.dumps(fields, default=str)),
+                "fields": fields,
                 "description": description,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "files": files,
@@ -220,7 +226,7 @@ class EngineCache:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         self._update_index(key, fields, description)
-        return CacheEntry(key, final, json.loads(json.dumps(fields, default=str)))
+        return CacheEntry(key, final, fields)
 
     def _update_index(self, key: str, fields: dict[str, Any], description: str) -> None:
         with self.lock("index"):
@@ -229,7 +235,7 @@ class EngineCache:
                 index = json.loads(index_path.read_text())
             except (OSError, ValueError):
                 index = {"schema": CACHE_SCHEMA_VERSION, "entries": {}}
-            index["entries"][key] = {"description": description, "fields": json.loads(json.dumps(fields, default=str))}
+            index["entries"][key] = {"description": description, "fields": fields}
             tmp = index_path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
             os.replace(tmp, index_path)
