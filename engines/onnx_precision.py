@@ -320,17 +320,23 @@ def convert_graph(fp32_model, policy: PrecisionPolicy):
 # --- verification -------------------------------------------------------------------------
 
 
-def graph_precision(model) -> dict[str, dict[str, int]]:
-    """``{op_type: {dtype: node count}}`` over the float compute nodes of ``model``."""
-    types = _infer_types(model)
-    table: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+def _compute_nodes(model, types: dict[str, int]):
+    """``(node, op_class, [float input dtypes, in input order])`` for every float compute node."""
     for node in model.graph.node:
-        if op_class_of(node) is None:
+        op_class = op_class_of(node)
+        if op_class is None:
             continue
-        dtypes = [types.get(name) for name in node.input if name and types.get(name) in FLOAT_TYPES]
-        if not dtypes:
-            continue
-        key = node.op_type if not node.name.startswith(TAG_PREFIX) else f"{node.op_type}({op_class_of(node)})"
+        data = node.input[1:] if node.op_type == "Where" else node.input  # Where's condition is bool
+        dtypes = [types[name] for name in data if name and types.get(name) in FLOAT_TYPES]
+        if dtypes:
+            yield node, op_class, dtypes
+
+
+def graph_precision(model, types: dict[str, int] | None = None) -> dict[str, dict[str, int]]:
+    """``{op_type: {dtype: node count}}`` over the float compute nodes of ``model``."""
+    table: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for node, op_class, dtypes in _compute_nodes(model, types or _infer_types(model)):
+        key = node.op_type if not node.name.startswith(TAG_PREFIX) else f"{node.op_type}({op_class})"
         table[key][_ONNX_TO_DTYPE[dtypes[0]]] += 1
     return {op: dict(counts) for op, counts in sorted(table.items())}
 
@@ -340,20 +346,12 @@ def check_graph_policy(model, policy: PrecisionPolicy) -> dict[str, dict[str, in
     types = _infer_types(model)
     problems = []
     seen = collections.Counter()
-    for node in model.graph.node:
-        op_class = op_class_of(node)
-        if op_class is None:
-            continue
-        dtypes = {types.get(name) for name in node.input if name and types.get(name) in FLOAT_TYPES}
-        if node.op_type == "Where":
-            dtypes = {types.get(name) for name in node.input[1:] if types.get(name) in FLOAT_TYPES}
-        if not dtypes:
-            continue
+    for node, op_class, dtypes in _compute_nodes(model, types):
         seen[op_class] += 1
         want = _DTYPE_TO_ONNX[policy.dtype_of(op_class)]
-        if dtypes != {want}:
+        if set(dtypes) != {want}:
             problems.append(
-                f"{node.op_type} {node.name!r} ({op_class}) computes in {sorted(_ONNX_TO_DTYPE[d] for d in dtypes)}, "
+                f"{node.op_type} {node.name!r} ({op_class}) computes in {sorted({_ONNX_TO_DTYPE[d] for d in dtypes})}, "
                 f"policy says {policy.dtype_of(op_class)}"
             )
     for op_class in ("matmul", "softmax", "layernorm"):
@@ -366,4 +364,4 @@ def check_graph_policy(model, policy: PrecisionPolicy) -> dict[str, dict[str, in
         raise GraphPolicyError(
             f"precision graph for {policy.name!r} does not match its policy:\n  - " + "\n  - ".join(problems[:20])
         )
-    return graph_precision(model)
+    return graph_precision(model, types)
