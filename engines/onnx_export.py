@@ -10,7 +10,6 @@ external data next to the graph.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from pathlib import Path
@@ -74,12 +73,10 @@ def check_batch(model: LoadedModel) -> TokenBatch:
 
 def export_fp32(model: LoadedModel, folder: Path) -> Path:
     """Write ``folder/model.onnx`` (+ external data) for ``model`` in FP32."""
-    from engines.torch_eager import OutputForward
+    from engines.torch_eager import reference_forward
 
     folder.mkdir(parents=True, exist_ok=True)
-    module = copy.deepcopy(model.module)
-    module.set_attn_implementation("eager")
-    forward = OutputForward(module, model.spec.output_name, model.spec.causal).eval()
+    forward = reference_forward(model)
     example = check_batch(model)
     batch = torch.export.Dim("batch", min=1, max=1024)
     sequence = torch.export.Dim("sequence", min=2, max=model.max_positions)
@@ -107,12 +104,10 @@ def verify_export(model: LoadedModel, path: Path, *, forward=None) -> float:
     """Run the exported graph in onnxruntime (CPU) and compare with PyTorch FP32; return the cosine."""
     import onnxruntime as ort
 
-    from engines.torch_eager import OutputForward
+    from engines.torch_eager import reference_forward
 
     if forward is None:
-        module = copy.deepcopy(model.module)
-        module.set_attn_implementation("eager")
-        forward = OutputForward(module, model.spec.output_name, model.spec.causal).eval()
+        forward = reference_forward(model)
     batch = check_batch(model)
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -36,6 +36,18 @@ class OutputForward(nn.Module):
         return getattr(self.model(**kwargs), self.output_name)
 
 
+def unmodified_copy(model: nn.Module) -> nn.Module:
+    """A copy of the FP32 transformers model with its own eager attention: the reference's code."""
+    module = copy.deepcopy(model)
+    module.set_attn_implementation("eager")
+    return module.eval()
+
+
+def reference_forward(model) -> OutputForward:
+    """The FP32 reference as ``(input_ids, attention_mask) -> output``; what the ONNX export wraps too."""
+    return OutputForward(unmodified_copy(model.module), model.spec.output_name, model.spec.causal).eval()
+
+
 def probe_batch(vocab_size: int, special_ids: tuple[int, ...], pad_id: int) -> TokenBatch:
     """A small padded batch that reaches every op: used for the precision audit."""
     generator = torch.Generator().manual_seed(0)
@@ -109,9 +121,7 @@ class TorchReferenceRunner(TorchRunner):
         super().__init__(model, policy, device)
 
     def _make_module(self) -> nn.Module:
-        module = copy.deepcopy(self.model.module)
-        module.set_attn_implementation("eager")
-        return module.eval()
+        return unmodified_copy(self.model.module)
 
     def describe(self) -> dict[str, Any]:
         return dict(super().describe(), mode="eager, unmodified transformers model")
