@@ -169,13 +169,5 @@ class PerfSession:
         return lines
 
 
-def format_memory(comparison: Comparison) -> str:
-    return (
-        f"{comparison.name}: peak device memory {comparison.ratio:.2f}x the baseline "
-        f"({comparison.candidate_median / 2**20:.1f} MiB vs {comparison.baseline_median / 2**20:.1f} MiB, "
-        f"threshold {comparison.threshold:.0%})"
-    )
-
-
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()

@@ -81,11 +81,18 @@ class Comparison:
     p_value: float
     threshold: float
     note: str = ""
+    metric: str = "latency"  # or "memory": medians are then peak bytes
 
     def __bool__(self) -> bool:
         return self.verdict != "regression"
 
     def message(self, unit: float = 1e3, unit_name: str = "ms") -> str:
+        if self.metric == "memory":
+            return (
+                f"{self.name}: peak device memory {self.ratio:.2f}x the baseline "
+                f"({self.candidate_median / 2**20:.1f} MiB vs {self.baseline_median / 2**20:.1f} MiB, "
+                f"threshold {self.threshold:.0%})"
+            )
         speed = f"{self.ratio:.2f}x slower" if self.ratio >= 1 else f"{1 / self.ratio:.2f}x faster"
         text = (
             f"{self.name}: {speed} (median {self.candidate_median * unit:.3g} {unit_name} vs "
@@ -130,4 +137,4 @@ def compare_samples(
 def compare_memory(name: str, candidate_bytes: int, baseline_bytes: int, *, threshold: float) -> Comparison:
     ratio = candidate_bytes / baseline_bytes if baseline_bytes else 1.0
     verdict = "regression" if ratio > 1.0 + threshold else ("faster" if ratio < 1.0 / (1.0 + threshold) else "pass")
-    return Comparison(name, verdict, ratio, candidate_bytes, baseline_bytes, 0.0, threshold, "peak device memory")
+    return Comparison(name, verdict, ratio, candidate_bytes, baseline_bytes, 0.0, threshold, metric="memory")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from perf.session import format_memory, is_oom
+from perf.session import is_oom
 
 pytestmark = pytest.mark.perf
 
@@ -25,9 +25,7 @@ def test_latency(engine, perf_shape, benchmark, perf_session, perf_threshold) ->
         if is_oom(exc):
             pytest.skip(f"out of device memory at b{batch} s{seq}: {str(exc).splitlines()[0]}")
         raise
-    failures = []
-    for comparison in perf_session.gate(result, list(benchmark.stats.stats.data), threshold=perf_threshold):
-        if comparison.verdict == "regression":
-            failures.append(format_memory(comparison) if comparison.note == "peak device memory" else comparison.message())
+    comparisons = perf_session.gate(result, list(benchmark.stats.stats.data), threshold=perf_threshold)
+    failures = [c.message() for c in comparisons if c.verdict == "regression"]
     if failures and perf_session.gates(engine.backend):
         pytest.fail("\n".join(failures), pytrace=False)

@@ -55,5 +55,7 @@ def test_too_few_samples_is_an_error():
 
 
 def test_memory_gate():
-    assert compare_memory("t", 1200, 1000, threshold=0.1).verdict == "regression"
+    grown = compare_memory("t", 1200 * 2**20, 1000 * 2**20, threshold=0.1)
+    assert grown.verdict == "regression"
+    assert grown.message() == "t: peak device memory 1.20x the baseline (1200.0 MiB vs 1000.0 MiB, threshold 10%)"
     assert compare_memory("t", 1050, 1000, threshold=0.1).verdict == "pass"
