@@ -15,7 +15,6 @@ It is a checker, not a fast engine: shapes are read back to the host.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -359,9 +358,3 @@ class OnnxTorchRunner(Runner):
             "graph": str(self.graph.path) if self.graph else None,
             "graph_dtypes": self.graph.dtypes if self.graph else None,
         }
-
-
-def load_program(path: Path, device: str = "cpu") -> OnnxTorchProgram:
-    from engines.onnx_export import load_graph
-
-    return OnnxTorchProgram(load_graph(path), torch.device(device))

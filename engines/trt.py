@@ -38,7 +38,6 @@ INSTALL_HINT = (
 )
 ENGINE_FILE = "engine.plan"
 BUILD_LOG_FILE = "build.log"
-INSPECTOR_FILE = "inspector.json"
 _DATATYPE_WORDS = {"float32": ("FP32", "Float"), "float16": ("FP16", "Half"), "bfloat16": ("BF16",)}
 
 

@@ -134,7 +134,6 @@ class ReferenceCache:
         self.max_bytes = max_bytes
         self._entries: collections.OrderedDict[tuple[str, str], torch.Tensor] = collections.OrderedDict()
         self._bytes = 0
-        self.hits = self.misses = 0
 
     @staticmethod
     def key(model: str, batch: TokenBatch) -> tuple[str, str]:
@@ -145,11 +144,8 @@ class ReferenceCache:
 
     def get(self, key) -> torch.Tensor | None:
         value = self._entries.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
+        if value is not None:
+            self._entries.move_to_end(key)
         return value
 
     def put(self, key, value: torch.Tensor) -> None:
