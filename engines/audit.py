@@ -36,10 +36,16 @@ _FUNCTION_CLASSES = {
     # Fused attention hides the dtype of its softmax; it is recorded so that a
     # policy that did not ask for it fails the audit instead of passing blind.
     "scaled_dot_product_attention": "fused_attention",
+    "_scaled_dot_product_efficient_attention": "fused_attention",
+    "_scaled_dot_product_flash_attention": "fused_attention",
+    "_scaled_dot_product_cudnn_attention": "fused_attention",
 }
 AUDITED_CLASSES = ("matmul", "softmax", "layernorm")
 NATIVE = "native"
 LOW_PRECISION_REDUCTION = "low-precision-reduction"
+# An attention kernel whose caller declares its arithmetic (half GEMM inputs,
+# FP32 softmax): each declared call accounts for one fused_attention record.
+FUSED_ATTENTION = "fused-attention-kernel"
 
 _ACTIVE: list["DtypeAudit"] = []
 
@@ -60,10 +66,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def note_reduction(op_class: str, dtype: torch.dtype) -> None:
-    """Called by the strict reductions: they compute ``op_class`` in ``dtype`` arithmetic."""
+def note_reduction(op_class: str, dtype: torch.dtype, impl: str = LOW_PRECISION_REDUCTION) -> None:
+    """Called by code the audit cannot see into: it computes ``op_class`` in ``dtype`` arithmetic.
+
+    The strict reductions (``impl`` LOW_PRECISION_REDUCTION) and the fused attention
+    kernel (FUSED_ATTENTION, once for its GEMMs and once for its softmax).
+    """
     if _ACTIVE:
-        _ACTIVE[-1]._record(op_class, dtype, LOW_PRECISION_REDUCTION)
+        _ACTIVE[-1]._record(op_class, dtype, impl)
 
 
 class DtypeAudit(TorchFunctionMode):
@@ -152,12 +162,22 @@ def check_policy(records: list[OpRecord], policy: PrecisionPolicy, *, engine: st
                 f"{sorted({r.dtype for r in wrong})} (first in {wrong[0].module!r})"
             )
         if op_class in ("softmax", "layernorm"):
-            wrong_impl = [r for r in seen if r.impl != expected_impl]
+            allowed = {expected_impl}
+            if op_class == "softmax" and not policy.strict_reductions:
+                allowed.add(FUSED_ATTENTION)  # the kernel's softmax is native FP32 arithmetic
+            wrong_impl = [r for r in seen if r.impl not in allowed]
             if wrong_impl:
                 problems.append(
                     f"{op_class}: policy wants the {expected_impl} implementation, but {len(wrong_impl)} of "
                     f"{len(seen)} calls used {wrong_impl[0].impl} (first in {wrong_impl[0].module!r})"
                 )
+    declared_fused = sum(1 for r in by_class.get("softmax", []) if r.impl == FUSED_ATTENTION)
+    fused_calls = by_class.pop("fused_attention", [])
+    if len(fused_calls) > declared_fused:
+        problems.append(
+            f"{len(fused_calls) - declared_fused} fused attention call(s) (first in {fused_calls[0].module!r}) "
+            "compute softmax in a precision this audit cannot see; the policy does not allow them"
+        )
     for op_class, seen in by_class.items():
         if op_class not in AUDITED_CLASSES:
             problems.append(

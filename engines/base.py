@@ -95,8 +95,9 @@ class Runner(abc.ABC):
     backend: ClassVar[str]
     # Shown in skips when the backend's runtime is missing.
     install_hint: ClassVar[str | None] = None
-    # Backends that build artifacts (ONNX graphs, engines) take cache=EngineCache.
-    uses_engine_cache: ClassVar[bool] = False
+    # Keyword arguments the runner takes from the session: "cache" (an EngineCache,
+    # for backends that build artifacts), "compile_mode" (torch.compile's mode).
+    session_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: LoadedModel, policy: PrecisionPolicy, device: str) -> None:
         self.model = model

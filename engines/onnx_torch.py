@@ -321,7 +321,7 @@ class OnnxTorchRunner(Runner):
     """The policy's ONNX precision graph, executed node by node with torch."""
 
     backend: ClassVar[str] = "onnx-torch"
-    uses_engine_cache: ClassVar[bool] = True
+    session_options: ClassVar[tuple[str, ...]] = ("cache",)
 
     def __init__(self, model, policy, device: str, *, cache=None) -> None:
         super().__init__(model, policy, device)

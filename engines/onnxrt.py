@@ -47,7 +47,7 @@ def providers_for(device: str) -> list[str]:
 class OnnxRuntimeRunner(Runner):
     backend: ClassVar[str] = "onnxrt"
     install_hint: ClassVar[str] = INSTALL_HINT
-    uses_engine_cache: ClassVar[bool] = True
+    session_options: ClassVar[tuple[str, ...]] = ("cache",)
 
     def __init__(self, model, policy, device: str, *, cache=None) -> None:
         super().__init__(model, policy, device)

@@ -39,6 +39,12 @@ BACKENDS: dict[str, BackendInfo] = {
             ("cuda",),
             "PyTorch with one CUDA graph per input shape",
         ),
+        BackendInfo(
+            "torch-compile",
+            "engines.torch_compile:TorchCompileRunner",
+            ("cpu", "cuda"),
+            "torch.compile (Inductor), static shape buckets, CUDA graph per bucket, fused attention for hybrid",
+        ),
         BackendInfo("onnxrt", "engines.onnxrt:OnnxRuntimeRunner", ("cpu", "cuda"), "ONNX Runtime on the precision graph"),
         BackendInfo(
             "onnx-torch",

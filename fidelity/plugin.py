@@ -76,6 +76,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="where exported graphs and built engines are kept (default: $FIDELITY_ENGINE_CACHE, else the user cache dir)",
     )
     group.addoption("--rebuild-engines", action="store_true", help="rebuild cached graphs and engines once this session")
+    group.addoption(
+        "--compile-mode",
+        default="default",
+        choices=("default", "max-autotune"),
+        help="torch.compile mode of the torch-compile backend (max-autotune: GEMM autotuning, minutes per shape when cold)",
+    )
 
 
 def _register_hypothesis_profiles(config: pytest.Config, profile_name: str) -> None:
@@ -114,6 +120,7 @@ def pytest_configure(config: pytest.Config) -> None:
             wikitext_path=config.getoption("--wikitext-path"),
             engine_cache=config.getoption("--engine-cache"),
             rebuild_engines=config.getoption("--rebuild-engines"),
+            compile_mode=config.getoption("--compile-mode"),
         )
     except (
         OptionError,

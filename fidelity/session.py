@@ -67,6 +67,7 @@ class FidelityOptions:
     wikitext_path: Path | None
     engine_cache: Path | None = None
     rebuild_engines: bool = False
+    compile_mode: str = "default"
 
     @classmethod
     def parse(
@@ -85,6 +86,7 @@ class FidelityOptions:
         wikitext_path: str | None,
         engine_cache: str | None = None,
         rebuild_engines: bool = False,
+        compile_mode: str = "default",
     ) -> "FidelityOptions":
         """Validate every name up front: a typo is a usage error, not a failing test."""
         model_names = _split(models) or list(DEFAULT_MODELS)
@@ -121,6 +123,7 @@ class FidelityOptions:
             wikitext_path=Path(wikitext_path) if wikitext_path else None,
             engine_cache=Path(engine_cache).expanduser() if engine_cache else None,
             rebuild_engines=rebuild_engines,
+            compile_mode=compile_mode,
         )
 
     def cases(self) -> list[EngineCase]:
@@ -221,7 +224,8 @@ class FidelitySession:
         model = self.model(case.model)
         policy: PrecisionPolicy = get_policy(case.precision)
         started = time.perf_counter()
-        options = {"cache": self.cache} if runner_cls.uses_engine_cache else {}
+        available = {"cache": self.cache, "compile_mode": self.options.compile_mode}
+        options = {name: available[name] for name in runner_cls.session_options}
         runner = runner_cls(model, policy, self.device, **options)
         runner.build()
         description = dict(runner.describe(), build_seconds=round(time.perf_counter() - started, 3))

@@ -46,6 +46,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="backends whose regressions fail tests (default on CUDA: every backend but eager 'torch', whose "
         "Python-bound timings moved 1.5x between sessions on the H100; on the CPU: all)",
     )
+    group.addoption(
+        "--perf-memory-cap-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="cap this process's device memory (torch allocator) at GIB, e.g. to see what a smaller GPU could "
+        "run: configurations that need more are skipped as out of memory",
+    )
     group.addoption("--no-cpu-baseline", action="store_true", help="skip the in-run CPU FP32 baseline (no speedup figures)")
     group.addoption(
         "--perf-slow-engine",
@@ -85,6 +93,14 @@ def pytest_configure(config: pytest.Config) -> None:
         device = resolve_device(config.getoption("--device"))
     except DeviceUnavailableError as exc:
         raise pytest.UsageError(str(exc)) from None
+    cap = config.getoption("--perf-memory-cap-gib")
+    if cap is not None:
+        from perf.timing import cap_device_memory
+
+        try:
+            cap_device_memory(device, cap)
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
     folder = machine_dir(device)
     storage_given = config.getoption("benchmark_storage", DEFAULT_STORAGE) != DEFAULT_STORAGE
     if not storage_given and hasattr(config.option, "benchmark_storage"):

@@ -11,10 +11,11 @@ import torch
 from engines.base import Runner
 from perf.baselines import Baseline
 from perf.stats import Comparison, compare_memory, compare_samples, median, percentile
-from perf.timing import TimedEngine, median_seconds, peak_device_bytes, staged_inputs
+from perf.timing import TimedEngine, device_used_bytes, first_call_seconds, median_seconds, peak_device_bytes, staged_inputs
 
 GRIDS: dict[str, list[tuple[int, int]]] = {
-    "default": [(1, 128), (8, 128), (32, 512)],
+    # The targets' shapes: b1 s128 (latency), b32 s128 and b32 s512 (throughput).
+    "default": [(1, 128), (8, 128), (32, 128), (32, 512)],
     # A CPU run is a check of the machinery, not a measurement anyone ships on.
     "cpu": [(1, 32), (4, 64)],
     "full": [(b, s) for b in (1, 2, 4, 8, 16, 32) for s in (32, 64, 128, 256, 512)],
@@ -34,6 +35,14 @@ class PerfResult:
     p99_s: float
     peak_device_bytes: int | None
     cpu_fp32_median_s: float | None
+    # The first call at this shape, untimed by the benchmark: compilation and
+    # CUDA-graph capture for engines that do them lazily.
+    first_call_s: float | None = None
+    # NVML's view of the whole device after the run (context, workspaces, other
+    # allocators); device-wide, so informative, not gated.
+    device_used_bytes: int | None = None
+    # What the engine itself reports needing (TensorRT's device_memory_size_v2).
+    engine_reported_bytes: int | None = None
     comparisons: list[Comparison] = dataclasses.field(default_factory=list)
     note: str = ""
 
@@ -53,6 +62,9 @@ class PerfResult:
             "sequences_per_s": batch / self.median_s,
             "tokens_per_s": batch * seq / self.median_s,
             "peak_device_bytes": self.peak_device_bytes,
+            "device_used_bytes_nvml": self.device_used_bytes,
+            "engine_reported_bytes": self.engine_reported_bytes,
+            "first_call_s": self.first_call_s,
             "cpu_fp32_median_ms": None if self.cpu_fp32_median_s is None else self.cpu_fp32_median_s * 1e3,
             "speedup_over_cpu_fp32": self.speedup_over_cpu,
         }
@@ -117,6 +129,7 @@ class PerfSession:
 
     def measure(self, benchmark, runner: Runner, shape: tuple[int, int]) -> PerfResult:
         call = TimedEngine(runner, staged_inputs(runner, *shape), self.injected_delay(runner.name))
+        first_call = first_call_seconds(call)
         benchmark.pedantic(call, setup=call.setup, rounds=self.rounds, warmup_rounds=self.warmup, iterations=1)
         samples = list(benchmark.stats.stats.data)
         result = PerfResult(
@@ -128,6 +141,9 @@ class PerfSession:
             p99_s=percentile(samples, 99),
             peak_device_bytes=peak_device_bytes(call),
             cpu_fp32_median_s=self.cpu_fp32_median(runner, shape),
+            first_call_s=first_call,
+            device_used_bytes=device_used_bytes(runner.device),
+            engine_reported_bytes=runner.describe().get("device_memory_bytes"),
         )
         benchmark.extra_info.update(result.extra_info())
         self.results.append(result)

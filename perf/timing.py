@@ -85,3 +85,32 @@ def peak_device_bytes(call: TimedEngine) -> int | None:
     torch.cuda.reset_peak_memory_stats(device)
     call(*args)
     return int(torch.cuda.max_memory_allocated(device))
+
+
+def first_call_seconds(call: TimedEngine) -> float:
+    """Wall time of one call before any warm-up: compilation and graph capture for lazy engines."""
+    args, _ = call.setup()
+    start = time.perf_counter()
+    call(*args)
+    return time.perf_counter() - start
+
+
+def device_used_bytes(device: torch.device) -> int | None:
+    """Device memory in use as NVML sees it (all allocators, the CUDA context); None without NVML or CUDA."""
+    if device.type != "cuda":
+        return None
+    try:
+        return int(torch.cuda.device_memory_used(device))
+    except Exception:  # noqa: BLE001 - pynvml missing or NVML unavailable: the field stays empty
+        return None
+
+
+def cap_device_memory(device: str, gib: float) -> None:
+    """Limit the torch allocator on ``device`` to ``gib`` GiB (beyond it: torch.cuda.OutOfMemoryError)."""
+    if not device.startswith("cuda"):
+        raise ValueError(f"--perf-memory-cap-gib caps GPU memory; the device is {device}. Drop the option or use --device cuda")
+    index = torch.device(device).index or 0
+    total = torch.cuda.get_device_properties(index).total_memory
+    if not 0 < gib * 2**30 < total:
+        raise ValueError(f"--perf-memory-cap-gib must be above 0 and below this GPU's {total / 2**30:.1f} GiB, got {gib}")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)

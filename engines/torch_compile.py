@@ -1,0 +1,348 @@
+"""``torch.compile`` (Inductor) engine: fused kernels, one CUDA graph per shape bucket.
+
+The policy engine of :mod:`engines.torch_eager`, compiled by Inductor so that the
+casts a policy puts around every GEMM, the bias/GELU/residual/LayerNorm chains
+and the masked softmax become a few fused kernels, then captured as a CUDA graph
+per input shape (as :mod:`engines.torch_cudagraph` does for the eager code).
+
+Shapes are static: an input is padded up to the next (batch, sequence) bucket
+(the sweep's batch {1,2,4,8,16,32} and sequence {32,...,512} values), so a
+Hypothesis run over arbitrary shapes compiles a bounded number of graphs.
+Padded key positions are masked and padded rows are cut off before the output
+is returned; the valid tokens see exactly the computation they would unpadded.
+
+Attention.  Where a policy's matmuls are FP16/BF16 and its softmax FP32 (``hybrid``),
+the CUDA engine calls PyTorch's memory-efficient attention kernel directly: ``Q
+K^T`` and ``P V`` from half inputs with FP32 accumulation, the scale, mask and
+softmax in FP32 registers, so the policy holds inside the kernel and the
+``[batch, heads, seq, seq]`` scores never reach memory.  The kernel is named
+explicitly (not ``scaled_dot_product_attention``, whose dispatcher may fall back
+to the math path and run softmax in FP16).  Every other policy, and the CPU,
+keeps the explicit :func:`engines.torch_precision.policy_attention`, which
+Inductor fuses but which materializes the scores.
+
+Compilation is cached on disk by Inductor itself (FX graph and autotuning
+caches) under ``<engine cache>/torchinductor`` unless ``TORCHINDUCTOR_CACHE_DIR``
+is set; a warm cache turns minutes of compilation into seconds.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import functools
+import os
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engines.audit import FUSED_ATTENTION, note_reduction
+from engines.base import TokenBatch
+from engines.precision import FLOAT32, PrecisionPolicy
+from engines.torch_cudagraph import _CapturedShape
+from engines.torch_eager import TorchRunner
+from engines.torch_precision import PolicyLinear, _additive_mask, _policy_mask, apply_policy, torch_dtype
+
+FUSED_ATTENTION_NAME = "fidelity_policy_fused"
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+SEQUENCE_BUCKETS = (32, 64, 128, 256, 512)
+# Inductor options per mode this engine offers.  Freezing folds the weights into
+# the graph as constants, which lets Inductor concatenate the Q, K and V GEMMs
+# that share an input into one.  Inductor's own CUDA graphs ("reduce-overhead",
+# "max-autotune") are replaced by this engine's capture, which shares one memory
+# pool and one LRU bound with torch-cudagraph.
+COMPILE_MODES: dict[str, dict[str, Any]] = {
+    "default": {"freezing": True},
+    "max-autotune": {"freezing": True, "max_autotune": True, "coordinate_descent_tuning": True},
+}
+# Alignment the memory-efficient kernel wants for the bias's last stride.
+_BIAS_ALIGNMENT = 16
+
+
+def bucket(value: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= value; beyond the last, the next multiple of it."""
+    index = bisect.bisect_left(buckets, value)
+    if index < len(buckets):
+        return buckets[index]
+    top = buckets[-1]
+    return -(-value // top) * top
+
+
+def bucket_shape(shape: tuple[int, int], max_positions: int) -> tuple[int, int]:
+    batch, seq = shape
+    return bucket(batch, BATCH_BUCKETS), min(bucket(seq, SEQUENCE_BUCKETS), max(seq, max_positions))
+
+
+def fused_attention_allowed(policy: PrecisionPolicy) -> bool:
+    """The fused kernel computes softmax in FP32 from half GEMM inputs: only such a policy may use it."""
+    return not policy.strict_reductions and policy.softmax == FLOAT32 and policy.matmul != FLOAT32
+
+
+# From this key length up, cuDNN's attention (with the mask as a bias) beat the
+# memory-efficient kernel on the H100 (b32 s512, one layer: 0.16 vs 0.33 ms;
+# at s128 the efficient kernel was as fast or faster); scratch measurements, 2026-11-25.
+CUDNN_MIN_KEY_LENGTH = 256
+
+
+def _aligned_bias(mask: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    bias = _additive_mask(mask, dtype)
+    kv_len = bias.shape[-1]
+    pad = -kv_len % _BIAS_ALIGNMENT
+    if pad:  # an aligned allocation viewed at the true length, as SDPA itself does
+        bias = F.pad(bias, (0, pad))[..., :kv_len]
+    return bias.expand(shape)
+
+
+def fused_policy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A fused attention kernel on the policy's matmul dtype; softmax in FP32 inside it.
+
+    Both kernels used (memory-efficient, cuDNN) take half Q/K/V, accumulate the
+    products in FP32 and keep the softmax statistics and the scaled, masked scores
+    in FP32; P is rounded to the half type for ``P @ V``, as the explicit policy
+    attention rounds it.
+    """
+    policy: PrecisionPolicy = module._fidelity_policy
+    matmul_dtype = torch_dtype(policy.matmul)
+    stream_dtype = torch_dtype(policy.elementwise)
+    note_reduction("matmul", matmul_dtype, FUSED_ATTENTION)
+    note_reduction("softmax", torch.float32, FUSED_ATTENTION)
+    batch, heads, q_len, _ = query.shape
+    kv_len = key.shape[-2]
+    q, k, v = (t.to(matmul_dtype) for t in (query, key, value))
+    bias = None if attention_mask is None else _aligned_bias(attention_mask, matmul_dtype, (batch, heads, q_len, kv_len))
+    if getattr(module, "_fidelity_cudnn_attention", False) and kv_len >= CUDNN_MIN_KEY_LENGTH:
+        output = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, False, 0.0, False, False, scale=scaling)[0]
+    else:
+        output = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, False, scale=scaling)[0]
+    return output.transpose(1, 2).contiguous().to(stream_dtype), None
+
+
+def cudnn_attention_works(device: torch.device) -> bool:
+    """Whether this PyTorch/cuDNN runs the cuDNN attention kernel with a bias here (tried, not assumed)."""
+    try:
+        q = torch.zeros(1, 1, CUDNN_MIN_KEY_LENGTH, 64, dtype=torch.float16, device=device)
+        bias = torch.zeros(1, 1, CUDNN_MIN_KEY_LENGTH, CUDNN_MIN_KEY_LENGTH, dtype=torch.float16, device=device)
+        torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, bias, False, 0.0, False, False)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+@functools.cache
+def register_fused_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(FUSED_ATTENTION_NAME, fused_policy_attention)
+    AttentionMaskInterface.register(FUSED_ATTENTION_NAME, _policy_mask)
+
+
+class ProjectionSlice(nn.Module):
+    """One of Q, K, V computed as a slice of the concatenated Q|K|V GEMM.
+
+    The three slices of a layer share one weight and run the same GEMM on the
+    same input; Inductor's common-subexpression elimination keeps one, so the
+    compiled graph does one [hidden, 3 x hidden] GEMM where BERT's code asks for
+    three.  (Eager, each slice would repeat the whole GEMM: only the compiled
+    engine uses this.)  Arithmetic is PolicyLinear's: same dtypes, same products.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, start: int, stop: int, compute_dtype, output_dtype) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.start, self.stop = start, stop
+        self.compute_dtype = compute_dtype
+        self.output_dtype = output_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = F.linear(x.to(self.compute_dtype), self.weight, self.bias)
+        return fused[..., self.start : self.stop].to(self.output_dtype)
+
+
+class PaddedProjection(nn.Module):
+    """A PolicyLinear whose output width is padded to a multiple of 64 for the GEMM, then cut back.
+
+    GPT-2's LM head is 50257 wide; an unaligned width sends cuBLAS to a slow
+    kernel (the H100 ran it on an sm75 CUTLASS kernel, 127 us at b1 s128).  The
+    padded rows are zeros and are sliced off: the real outputs are the same products.
+    """
+
+    def __init__(self, linear: PolicyLinear, multiple: int = 64) -> None:
+        super().__init__()
+        out_features, in_features = linear.weight.shape
+        padded = -(-out_features // multiple) * multiple
+        self.out_features = out_features
+        self.compute_dtype, self.output_dtype = linear.compute_dtype, linear.output_dtype
+        weight = linear.weight.new_zeros(padded, in_features)
+        weight[:out_features] = linear.weight
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None
+        if linear.bias is not None:
+            bias = linear.bias.new_zeros(padded)
+            bias[:out_features] = linear.bias
+            self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.to(self.compute_dtype), self.weight, self.bias)
+        return y[..., : self.out_features].to(self.output_dtype)
+
+
+def pad_unaligned_projections(module: nn.Module, multiple: int = 64) -> int:
+    """Swap every PolicyLinear whose width is not a multiple of 8 for a PaddedProjection."""
+    swaps = [
+        (parent, name, child)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, PolicyLinear) and child.weight.shape[0] % 8
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, PaddedProjection(child, multiple))
+    return len(swaps)
+
+
+def fuse_qkv_projections(module: nn.Module) -> int:
+    """Replace separate query/key/value PolicyLinears by slices of one GEMM; returns how many layers."""
+    fused = 0
+    for parent in module.modules():
+        parts = [getattr(parent, name, None) for name in ("query", "key", "value")]
+        if not all(isinstance(p, PolicyLinear) for p in parts):
+            continue
+        if len({(p.compute_dtype, p.output_dtype, p.weight.shape[1], p.bias is None) for p in parts}) != 1:
+            continue
+        weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        bias = None if parts[0].bias is None else nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+        start = 0
+        for name, part in zip(("query", "key", "value"), parts):
+            stop = start + part.weight.shape[0]
+            setattr(parent, name, ProjectionSlice(weight, bias, start, stop, part.compute_dtype, part.output_dtype))
+            start = stop
+        fused += 1
+    return fused
+
+
+def _allow_recompiles(count: int) -> None:
+    # One static graph per bucket: Dynamo's default of 8 per function would send
+    # the ninth shape to eager (silently slow), so the limit covers the buckets.
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < count:
+            setattr(dynamo_config, name, count)
+
+
+def inductor_cache_dir(cache) -> str:
+    """Where Inductor keeps compiled graphs: $TORCHINDUCTOR_CACHE_DIR, else under the engine cache."""
+    configured = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if configured:
+        return configured
+    if cache is None:
+        from engines.cache import default_cache_root
+
+        root = default_cache_root()
+    else:
+        root = cache.root
+    path = str(root / "torchinductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
+
+
+class TorchCompileRunner(TorchRunner):
+    backend: ClassVar[str] = "torch-compile"
+    session_options: ClassVar[tuple[str, ...]] = ("cache", "compile_mode")
+
+    def __init__(
+        self, model, policy, device: str, *, cache=None, compile_mode: str = "default", max_graphs: int = 16,
+        dynamic: bool = False,
+    ) -> None:
+        super().__init__(model, policy, device)
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown torch.compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        self.mode = compile_mode
+        self.max_graphs = max_graphs
+        self.cache_dir = inductor_cache_dir(cache)
+        self.fused_attention = self.device.type == "cuda" and fused_attention_allowed(policy)
+        self.compiled = None
+        self.fused_qkv_layers = 0
+        self.padded_projections = 0
+        self.cudnn_attention = False
+        self.dynamic = dynamic
+        self._graphs: collections.OrderedDict[tuple[int, int], _CapturedShape] = collections.OrderedDict()
+        self._pool = None
+
+    def _make_module(self) -> nn.Module:
+        module = apply_policy(self.model.module, self.policy)
+        self.fused_qkv_layers = fuse_qkv_projections(module)
+        self.padded_projections = pad_unaligned_projections(module)
+        if self.fused_attention:
+            register_fused_attention()
+            module.set_attn_implementation(FUSED_ATTENTION_NAME)
+            self.cudnn_attention = cudnn_attention_works(self.device)
+            for sub in module.modules():
+                sub._fidelity_cudnn_attention = self.cudnn_attention
+        return module
+
+    def _build(self) -> None:
+        super()._build()  # the module, and the audit of its eager run
+        _allow_recompiles(len(BATCH_BUCKETS) * len(SEQUENCE_BUCKETS) + 2)
+        self.compiled = torch.compile(self.forward, options=dict(COMPILE_MODES[self.mode]), dynamic=self.dynamic)
+        if self.device.type == "cuda":
+            self._pool = torch.cuda.graph_pool_handle()
+
+    def padded(self, batch: TokenBatch) -> TokenBatch:
+        """``batch`` padded up to its bucket: masked pad tokens, padded rows attend their first token only."""
+        shape = batch.shape
+        target = bucket_shape(shape, self.model.max_positions)
+        if target == shape:
+            return batch
+        ids = batch.input_ids.new_full(target, self.model.pad_token_id)
+        mask = batch.attention_mask.new_zeros(target)
+        mask[shape[0] :, 0] = 1  # a fully masked row would be a NaN hazard in rows nobody reads
+        ids[: shape[0], : shape[1]] = batch.input_ids
+        mask[: shape[0], : shape[1]] = batch.attention_mask
+        return TokenBatch(ids, mask, batch.source)
+
+    @torch.inference_mode()
+    def _infer(self, batch: TokenBatch) -> torch.Tensor:
+        rows, length = batch.shape
+        ids = batch.input_ids.to(self.device, non_blocking=True)
+        mask = batch.attention_mask.to(self.device, non_blocking=True)
+        padded = self.padded(TokenBatch(ids, mask, batch.source))
+        if self.device.type != "cuda":
+            output = self.compiled(padded.input_ids, padded.attention_mask)
+            return output[:rows, :length].float()
+        shape = padded.shape
+        captured = self._graphs.get(shape)
+        if captured is None:
+            captured = _CapturedShape(self.compiled, shape, self.device, self._pool)
+            self._graphs[shape] = captured
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(shape)
+        output = captured.run(padded)
+        return output[:rows, :length].float()
+
+    def _close(self) -> None:
+        self._graphs.clear()
+        self._pool = None
+        self.compiled = None
+        super()._close()
+
+    def describe(self) -> dict[str, Any]:
+        attention = "explicit policy attention"
+        if self.fused_attention:
+            attention = "memory-efficient attention kernel" + (
+                f" (cuDNN attention from {CUDNN_MIN_KEY_LENGTH} keys)" if self.cudnn_attention else ""
+            ) + ", FP32 softmax inside"
+        graphs = f", CUDA graph per bucket (max {self.max_graphs} cached)" if self.device.type == "cuda" else ""
+        return dict(
+            super().describe(),
+            mode=f"torch.compile mode={self.mode}, static shapes padded to buckets{graphs}; {attention}"
+            + (f"; Q|K|V as one GEMM in {self.fused_qkv_layers} layers" if self.fused_qkv_layers else "")
+            + (f"; {self.padded_projections} unaligned projection(s) padded to 64" if self.padded_projections else ""),
+            shapes="dynamic (one compile serves many buckets; Dynamo specializes batch 1)" if self.dynamic else "static (one compile per bucket)",
+            inductor_cache=self.cache_dir,
+        )
