@@ -104,6 +104,10 @@ class Runner(abc.ABC):
         self.policy = policy
         self.device = torch.device(device)
         self.audit: PrecisionAudit | None = None
+        # Device memory the torch allocator held for others when this engine was
+        # built: perf/ subtracts it so that an engine's peak is its own, whatever
+        # ran before it in the session.
+        self.foreign_device_bytes = 0
         self._built = False
         self._closed = False
 
@@ -116,6 +120,8 @@ class Runner(abc.ABC):
         if self._closed:
             raise RuntimeError(f"{self.name}: build() after close()")
         if not self._built:
+            if self.device.type == "cuda":
+                self.foreign_device_bytes = int(torch.cuda.memory_allocated(self.device))
             self._build()
             self._built = True
         return self

@@ -329,6 +329,10 @@ class TorchCompileRunner(TorchRunner):
         self._graphs.clear()
         self._pool = None
         self.compiled = None
+        # Dynamo's code cache keeps every compiled graph, and with freezing their
+        # weight constants, alive after the engine is gone: drop it.  Another
+        # live compile engine keeps its captured graphs; a new shape recompiles.
+        torch.compiler.reset()
         super()._close()
 
     def describe(self) -> dict[str, Any]:

@@ -74,7 +74,7 @@ class Comparison:
     """Candidate vs baseline for one benchmark."""
 
     name: str
-    verdict: str  # "pass", "regression", "faster", "inconclusive"
+    verdict: str  # "pass", "regression", "faster" (latency) / "smaller" (memory), "inconclusive"
     ratio: float  # candidate median / baseline median
     candidate_median: float
     baseline_median: float
@@ -91,7 +91,7 @@ class Comparison:
             return (
                 f"{self.name}: peak device memory {self.ratio:.2f}x the baseline "
                 f"({self.candidate_median / 2**20:.1f} MiB vs {self.baseline_median / 2**20:.1f} MiB, "
-                f"threshold {self.threshold:.0%})"
+                f"threshold {self.threshold:.0%})" + (f": {self.note}" if self.note else "")
             )
         speed = f"{self.ratio:.2f}x slower" if self.ratio >= 1 else f"{1 / self.ratio:.2f}x faster"
         text = (
@@ -136,5 +136,6 @@ def compare_samples(
 
 def compare_memory(name: str, candidate_bytes: int, baseline_bytes: int, *, threshold: float) -> Comparison:
     ratio = candidate_bytes / baseline_bytes if baseline_bytes else 1.0
-    verdict = "regression" if ratio > 1.0 + threshold else ("faster" if ratio < 1.0 / (1.0 + threshold) else "pass")
-    return Comparison(name, verdict, ratio, candidate_bytes, baseline_bytes, 0.0, threshold, metric="memory")
+    verdict = "regression" if ratio > 1.0 + threshold else ("smaller" if ratio < 1.0 / (1.0 + threshold) else "pass")
+    note = "refresh the baseline" if verdict == "smaller" else ""
+    return Comparison(name, verdict, ratio, candidate_bytes, baseline_bytes, 0.0, threshold, note, metric="memory")

@@ -77,14 +77,18 @@ def median_seconds(call: TimedEngine, *, warmup: int, rounds: int) -> float:
 
 
 def peak_device_bytes(call: TimedEngine) -> int | None:
-    """Peak allocator bytes during one call, weights included; None off CUDA."""
+    """Peak allocator bytes of this engine during one call, weights included; None off CUDA.
+
+    What other objects held when the engine was built (an earlier engine's
+    leftovers, say) is not this engine's and is subtracted.
+    """
     device = call.runner.device
     if device.type != "cuda":
         return None
     args, _ = call.setup()
     torch.cuda.reset_peak_memory_stats(device)
     call(*args)
-    return int(torch.cuda.max_memory_allocated(device))
+    return int(torch.cuda.max_memory_allocated(device)) - call.runner.foreign_device_bytes
 
 
 def first_call_seconds(call: TimedEngine) -> float:

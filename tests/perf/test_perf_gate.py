@@ -31,6 +31,9 @@ def saved(tmp_path_factory):
     assert data["machine_info"]["fidelity_suite"]["machine_id"].startswith("cpu-")
     assert all(len(b["stats"]["data"]) == 12 for b in data["benchmarks"])  # every round kept for the gate
     assert {b["extra_info"]["engine"] for b in data["benchmarks"]} == {"tiny-bert/torch/fp32", "tiny-bert/torch/hybrid"}
+    # the untimed first call (compilation, capture) is kept apart from the rounds
+    assert all(b["extra_info"]["first_call_s"] > 0 for b in data["benchmarks"])
+    assert all(b["extra_info"]["device_used_bytes_nvml"] is None for b in data["benchmarks"])  # CPU: no NVML
     return storage
 
 
@@ -78,3 +81,9 @@ def test_baseline_from_another_architecture_is_refused(saved, tmp_path):
     proc = run(f"--benchmark-storage=file://{foreign}", "--benchmark-compare")
     assert proc.returncode == 4
     assert "recorded for machine_id 'sm80-NVIDIA_A100_SXM4_80GB'" in proc.stderr and "it is not compared" in proc.stderr
+
+
+def test_memory_cap_needs_a_gpu():
+    proc = run("--perf-memory-cap-gib", "4", "--device", "cpu")
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]  # a usage error, before any test
+    assert "--perf-memory-cap-gib caps GPU memory" in proc.stderr

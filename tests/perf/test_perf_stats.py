@@ -59,3 +59,5 @@ def test_memory_gate():
     assert grown.verdict == "regression"
     assert grown.message() == "t: peak device memory 1.20x the baseline (1200.0 MiB vs 1000.0 MiB, threshold 10%)"
     assert compare_memory("t", 1050, 1000, threshold=0.1).verdict == "pass"
+    shrunk = compare_memory("t", 500, 1000, threshold=0.1)
+    assert shrunk.verdict == "smaller" and shrunk.message().endswith("refresh the baseline")

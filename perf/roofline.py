@@ -1,0 +1,81 @@
+"""Hardware floors: how fast a forward pass could possibly be on a given GPU.
+
+A forward pass must at least read every GEMM weight once and write its output
+(memory floor: bytes over memory bandwidth), and must do its matrix arithmetic
+(compute floor: FLOPs over the matrix units' dense peak).  The floor is the
+larger of the two; a measured latency divided by it says how much is left.
+Embedding lookups, activations that stay in cache, and launch gaps are not
+counted, so the floor is optimistic, which is what a floor should be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuPeaks:
+    memory_bytes_per_s: float
+    half_flops: float  # dense FP16/BF16 tensor-core peak (no sparsity)
+    fp32_flops: float  # FP32 without tensor cores: the reference runs with TF32 off
+    source: str
+
+
+# Keyed by torch.cuda.get_device_name(), as in the machine id.
+GPU_PEAKS: Mapping[str, GpuPeaks] = {
+    "NVIDIA H100 80GB HBM3": GpuPeaks(
+        memory_bytes_per_s=3.35e12,
+        half_flops=989.4e12,
+        fp32_flops=66.9e12,
+        source="NVIDIA H100 Tensor Core GPU datasheet, SXM5: HBM3 3.35 TB/s, FP16 1979 TFLOPS with sparsity, FP32 67 TFLOPS",
+    ),
+    "NVIDIA H200": GpuPeaks(
+        memory_bytes_per_s=4.8e12,
+        half_flops=989.4e12,
+        fp32_flops=66.9e12,
+        source="NVIDIA H200 datasheet, SXM: HBM3e 4.8 TB/s, FP16 1979 TFLOPS with sparsity, FP32 67 TFLOPS",
+    ),
+}
+
+# Bytes of one GEMM weight element per precision policy (its matmul dtype).
+WEIGHT_BYTES = {"fp32": 4, "hybrid": 2, "fp16": 2, "fp16-strict": 2, "bf16": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardCost:
+    flops: float
+    weight_bytes: float
+    output_bytes: float
+
+    def floor_s(self, peaks: GpuPeaks, precision: str) -> float:
+        flops_per_s = peaks.fp32_flops if WEIGHT_BYTES.get(precision, 4) == 4 else peaks.half_flops
+        memory = (self.weight_bytes + self.output_bytes) / peaks.memory_bytes_per_s
+        return max(memory, self.flops / flops_per_s)
+
+    def bound(self, peaks: GpuPeaks, precision: str) -> str:
+        flops_per_s = peaks.fp32_flops if WEIGHT_BYTES.get(precision, 4) == 4 else peaks.half_flops
+        memory = (self.weight_bytes + self.output_bytes) / peaks.memory_bytes_per_s
+        return "memory" if memory >= self.flops / flops_per_s else "compute"
+
+
+def forward_cost(family: str, config: Mapping[str, Any], precision: str, batch: int, seq: int) -> ForwardCost:
+    """GEMM and attention FLOPs, GEMM weight bytes and FP32 output bytes of one forward pass."""
+    if family == "gpt2":
+        hidden, layers = config["n_embd"], config["n_layer"]
+        inner = config.get("n_inner") or 4 * hidden
+        head = config["vocab_size"]  # the LM head GEMM
+    else:
+        hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+        inner = config["intermediate_size"]
+        head = 0
+    tokens = batch * seq
+    gemm_params = layers * (4 * hidden * hidden + 2 * hidden * inner) + hidden * head
+    attention_flops = 4 * layers * batch * seq * seq * hidden  # Q K^T and P V
+    output_width = head or hidden
+    return ForwardCost(
+        flops=2.0 * tokens * gemm_params + attention_flops,
+        weight_bytes=float(gemm_params * WEIGHT_BYTES.get(precision, 4)),
+        output_bytes=float(tokens * output_width * 4),
+    )

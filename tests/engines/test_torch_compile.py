@@ -1,0 +1,145 @@
+"""The torch.compile engine on the CPU: buckets, graph rewrites, and outputs against the eager engine."""
+
+import pytest
+import torch
+
+from engines.audit import FUSED_ATTENTION, NATIVE, OpRecord, check_policy
+from engines.base import TokenBatch
+from engines.precision import POLICIES, get_policy
+from engines.torch_compile import (
+    TorchCompileRunner,
+    bucket,
+    bucket_shape,
+    fuse_qkv_projections,
+    fused_attention_allowed,
+    pad_unaligned_projections,
+)
+from engines.torch_eager import OutputForward, TorchRunner
+from engines.torch_precision import apply_policy
+
+
+@pytest.mark.parametrize("value,expected", [(1, 1), (3, 4), (32, 32), (33, 64), (70, 96)])
+def test_batch_buckets_then_multiples_of_the_largest(value, expected):
+    assert bucket(value, (1, 2, 4, 8, 16, 32)) == expected
+
+
+@pytest.mark.parametrize("value,expected", [(1, 32), (33, 64), (129, 256), (512, 512), (513, 1024)])
+def test_sequence_buckets(value, expected):
+    assert bucket(value, (32, 64, 128, 256, 512)) == expected
+
+
+def test_bucket_shape_never_exceeds_the_model_positions():
+    assert bucket_shape((3, 20), 512) == (4, 32)
+    assert bucket_shape((1, 300), 512) == (1, 512)
+    assert bucket_shape((1, 100), 100) == (1, 100)  # a model with 100 positions: no padding past them
+    assert bucket_shape((40, 600), 1024) == (64, 1024)
+
+
+def test_fused_attention_only_for_half_gemms_with_fp32_softmax():
+    allowed = {name for name, policy in POLICIES.items() if fused_attention_allowed(policy)}
+    assert allowed == {"hybrid"}
+
+
+def _eager_forward(model, module):
+    return OutputForward(module, model.spec.output_name, model.spec.causal).eval()
+
+
+def _padded_batch(model, *, left: bool) -> TokenBatch:
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, model.vocab_size, (3, 20), generator=generator)
+    mask = torch.ones_like(ids)
+    if left:
+        mask[1, :6] = 0
+    else:
+        mask[1, 14:] = 0
+    ids[mask == 0] = model.pad_token_id
+    return TokenBatch(ids, mask, source="test")
+
+
+def test_qkv_fusion_computes_the_same_projections(tiny_bert):
+    policy = get_policy("hybrid")
+    plain = apply_policy(tiny_bert.module, policy)
+    fused = apply_policy(tiny_bert.module, policy)
+    assert fuse_qkv_projections(fused) == 2  # both layers of tiny-bert
+    batch = _padded_batch(tiny_bert, left=False)
+    with torch.inference_mode():
+        expected = _eager_forward(tiny_bert, plain)(batch.input_ids, batch.attention_mask)
+        actual = _eager_forward(tiny_bert, fused)(batch.input_ids, batch.attention_mask)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_padded_lm_head_gives_the_same_logits(tiny_gpt2):
+    policy = get_policy("hybrid")
+    plain = apply_policy(tiny_gpt2.module, policy)
+    padded = apply_policy(tiny_gpt2.module, policy)
+    assert pad_unaligned_projections(padded) == 1  # the 50257-wide LM head
+    assert padded.lm_head.weight.shape[0] == 50304
+    batch = _padded_batch(tiny_gpt2, left=True)
+    with torch.inference_mode():
+        expected = _eager_forward(tiny_gpt2, plain)(batch.input_ids, batch.attention_mask)
+        actual = _eager_forward(tiny_gpt2, padded)(batch.input_ids, batch.attention_mask)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("model_name,left", [("tiny-bert", False), ("tiny-gpt2", True)])
+def test_compiled_engine_matches_eager_on_padded_odd_shapes(request, engine_cache, model_name, left):
+    model = request.getfixturevalue(model_name.replace("-", "_"))
+    policy = get_policy("hybrid")
+    batch = _padded_batch(model, left=left)
+    with TorchRunner(model, policy, "cpu") as eager, TorchCompileRunner(model, policy, "cpu", cache=engine_cache) as compiled:
+        assert compiled.padded(batch).shape == (4, 32)
+        expected = eager.infer(batch)
+        actual = compiled.infer(batch)
+        # A second shape of the same bucket reuses the compiled graph and still cuts its own output.
+        smaller = TokenBatch(batch.input_ids[:2, :17], batch.attention_mask[:2, :17], "test")
+        assert compiled.infer(smaller).shape[:2] == (2, 17)
+        description = compiled.describe()
+    assert actual.shape == expected.shape
+    valid = batch.attention_mask.bool()
+    torch.testing.assert_close(actual[valid], expected[valid], rtol=2e-3, atol=2e-3)
+    assert "torch.compile mode=default" in description["mode"]
+    assert description["inductor_cache"]
+
+
+def test_unknown_compile_mode_is_refused(tiny_bert):
+    with pytest.raises(ValueError, match="max-autotune"):
+        TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", compile_mode="fastest")
+
+
+def _records(*items):
+    return [OpRecord(op_class, dtype, impl, "encoder.layer.0") for op_class, dtype, impl in items]
+
+
+def test_audit_accepts_declared_fused_attention_for_hybrid():
+    records = _records(
+        ("matmul", "float16", NATIVE),
+        ("layernorm", "float32", NATIVE),
+        ("fused_attention", "float16", NATIVE),
+        ("matmul", "float16", FUSED_ATTENTION),
+        ("softmax", "float32", FUSED_ATTENTION),
+    )
+    assert check_policy(records, get_policy("hybrid"), engine="e")
+
+
+def test_audit_refuses_undeclared_fused_attention():
+    records = _records(
+        ("matmul", "float16", NATIVE),
+        ("layernorm", "float32", NATIVE),
+        ("softmax", "float32", NATIVE),
+        ("fused_attention", "float16", NATIVE),
+    )
+    audit = check_policy(records, get_policy("hybrid"), engine="e")
+    assert not audit
+    assert "fused attention call(s)" in audit.problems[0]
+
+
+def test_audit_refuses_fused_softmax_where_the_policy_wants_strict_fp16_reductions():
+    records = _records(
+        ("matmul", "float16", NATIVE),
+        ("layernorm", "float16", "low-precision-reduction"),
+        ("fused_attention", "float16", NATIVE),
+        ("softmax", "float16", FUSED_ATTENTION),
+    )
+    audit = check_policy(records, get_policy("fp16-strict"), engine="e")
+    assert any("low-precision-reduction implementation" in p for p in audit.problems)
