@@ -233,10 +233,23 @@ def _allow_recompiles(count: int) -> None:
             setattr(dynamo_config, name, count)
 
 
+def _torch_default_inductor_dir() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # a PyTorch that moved it: only an explicit setting is recognised
+        return None
+    return default_cache_dir()
+
+
 def inductor_cache_dir(cache) -> str:
-    """Where Inductor keeps compiled graphs: $TORCHINDUCTOR_CACHE_DIR, else under the engine cache."""
+    """Where Inductor keeps compiled graphs: $TORCHINDUCTOR_CACHE_DIR if the user set it, else under the engine cache.
+
+    Inductor writes its own default (``/tmp/torchinductor_<user>``) into the
+    environment the first time it looks, so a value equal to that default is
+    taken as unset.
+    """
     configured = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if configured:
+    if configured and configured != _torch_default_inductor_dir():
         return configured
     if cache is None:
         from engines.cache import default_cache_root

@@ -181,7 +181,11 @@ class PerfSession:
             verdicts = ", ".join(c.verdict for c in r.comparisons) or r.note or "measured"
             if r.comparisons and not self.gates(r.engine.split("/")[1]):
                 verdicts += " (not gated)"
-            lines.append(f"{r.engine:32} b{r.shape[0]:<2} s{r.shape[1]:<4} median {r.median_s * 1e3:9.3f} ms  {speed}  {memory}  {verdicts}")
+            first = f"first call {r.first_call_s:6.2f} s" if r.first_call_s is not None else ""
+            lines.append(
+                f"{r.engine:32} b{r.shape[0]:<2} s{r.shape[1]:<4} median {r.median_s * 1e3:9.3f} ms  {speed}  {memory}  "
+                f"{first}  {verdicts}"
+            )
         return lines
 
 

@@ -143,3 +143,45 @@ def test_audit_refuses_fused_softmax_where_the_policy_wants_strict_fp16_reductio
     )
     audit = check_policy(records, get_policy("fp16-strict"), engine="e")
     assert any("low-precision-reduction implementation" in p for p in audit.problems)
+
+
+_COMPILE_ONCE = """
+import json, sys
+from pathlib import Path
+import torch
+from torch._dynamo.utils import counters
+from engines.base import TokenBatch
+from engines.cache import EngineCache
+from engines.models import ModelLoader
+from engines.precision import get_policy
+from engines.torch_compile import TorchCompileRunner
+model = ModelLoader(weights_mode="random", hub_probe=lambda: False).load("tiny-bert")
+runner = TorchCompileRunner(model, get_policy("hybrid"), "cpu", cache=EngineCache(Path(sys.argv[1]))).build()
+ids = torch.ones(2, 10, dtype=torch.int64)
+runner.infer(TokenBatch(ids, torch.ones_like(ids)))
+print(json.dumps({"dir": runner.cache_dir, "inductor": dict(counters["inductor"])}))
+"""
+
+
+def test_compiled_graphs_are_cached_under_the_engine_cache(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["HF_HUB_OFFLINE"] = "1"
+    runs = []
+    for _ in range(2):  # two processes: the second finds the first one's graph on disk
+        proc = subprocess.run(
+            [sys.executable, "-c", _COMPILE_ONCE, str(tmp_path)], cwd=root, env=env, capture_output=True, text=True,
+            timeout=300, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert runs[0]["dir"] == str(tmp_path / "torchinductor")
+    assert runs[0]["inductor"].get("fxgraph_cache_miss") == 1
+    assert runs[1]["inductor"].get("fxgraph_cache_hit") == 1 and not runs[1]["inductor"].get("fxgraph_cache_miss")
+    assert (tmp_path / "torchinductor" / "fxgraph").is_dir()
