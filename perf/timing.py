@@ -88,7 +88,7 @@ def peak_device_bytes(call: TimedEngine) -> int | None:
     args, _ = call.setup()
     torch.cuda.reset_peak_memory_stats(device)
     call(*args)
-    return int(torch.cuda.max_memory_allocated(device)) - call.runner.foreign_device_bytes
+    return max(0, int(torch.cuda.max_memory_allocated(device)) - call.runner.foreign_device_bytes)
 
 
 def first_call_seconds(call: TimedEngine) -> float:
