@@ -104,3 +104,25 @@ def test_onnx_backends_in_the_fidelity_run_and_a_warm_cache_rebuilds_nothing(tmp
     events = json.loads((tmp_path / "warm.json").read_text())["engine_cache"]["events"]
     assert events and {e["outcome"] for e in events} == {"hit"}  # no export, no conversion
     assert "hit" in warm.stdout and "built" not in warm.stdout.split("engine cache")[-1].splitlines()[0]
+
+
+@pytest.mark.slow
+def test_compiled_engine_runs_through_the_fidelity_gate(tmp_path):
+    report = tmp_path / "compile.json"
+    proc = run_pytest(
+        "-m", "fidelity", "fidelity",
+        "--models", "tiny-bert",
+        "--precisions", "hybrid",
+        "--backends", "torch-compile",
+        "--compile-mode", "default",
+        "--input-profile", "ci",
+        f"--engine-cache={tmp_path / 'cache'}",
+        f"--fidelity-report={report}",
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    data = json.loads(report.read_text())
+    rows = [r for r in data["rows"] if r["backend"] == "torch-compile"]
+    assert {r["input_kind"] for r in rows} == {"hypothesis", "natural-text"}
+    assert all(r["nan_count"] == 0 and r["verdict"] == "PASS" for r in rows), rows
+    engine = data["engines"]["tiny-bert/torch-compile/hybrid"]
+    assert "torch.compile mode=default" in engine["mode"] and engine["inductor_cache"] == str(tmp_path / "cache" / "torchinductor")
