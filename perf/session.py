@@ -41,7 +41,8 @@ class PerfResult:
     # NVML's view of the whole device after the run (context, workspaces, other
     # allocators); device-wide, so informative, not gated.
     device_used_bytes: int | None = None
-    # What the engine itself reports needing (TensorRT's device_memory_size_v2).
+    # What the engine holds outside the torch allocator by its own report
+    # (TensorRT: device_memory_size_v2 + the plan's weights); included in the peak.
     engine_reported_bytes: int | None = None
     comparisons: list[Comparison] = dataclasses.field(default_factory=list)
     note: str = ""
@@ -130,6 +131,7 @@ class PerfSession:
     def measure(self, benchmark, runner: Runner, shape: tuple[int, int]) -> PerfResult:
         call = TimedEngine(runner, staged_inputs(runner, *shape), self.injected_delay(runner.name))
         first_call = first_call_seconds(call)
+        engine_bytes = engine_reported_bytes(runner.describe())
         benchmark.pedantic(call, setup=call.setup, rounds=self.rounds, warmup_rounds=self.warmup, iterations=1)
         samples = list(benchmark.stats.stats.data)
         result = PerfResult(
@@ -139,11 +141,11 @@ class PerfSession:
             median_s=median(samples),
             p90_s=percentile(samples, 90),
             p99_s=percentile(samples, 99),
-            peak_device_bytes=peak_device_bytes(call),
+            peak_device_bytes=_plus(peak_device_bytes(call), engine_bytes),
             cpu_fp32_median_s=self.cpu_fp32_median(runner, shape),
             first_call_s=first_call,
             device_used_bytes=device_used_bytes(runner.device),
-            engine_reported_bytes=runner.describe().get("device_memory_bytes"),
+            engine_reported_bytes=engine_bytes,
         )
         benchmark.extra_info.update(result.extra_info())
         self.results.append(result)
@@ -187,6 +189,23 @@ class PerfSession:
                 f"{first}  {verdicts}"
             )
         return lines
+
+
+def engine_reported_bytes(description: dict[str, Any]) -> int | None:
+    """Device memory a runner allocates itself, outside torch: TensorRT's activations plus its weights.
+
+    TensorRT's execution context and deserialized plan live in memory the
+    torch allocator never sees, so the allocator's peak alone would miss them.
+    """
+    if "device_memory_bytes" not in description:
+        return None
+    return int(description["device_memory_bytes"]) + int(description.get("plan_bytes", 0))
+
+
+def _plus(allocator_peak: int | None, engine_bytes: int | None) -> int | None:
+    if allocator_peak is None:
+        return None
+    return allocator_peak + (engine_bytes or 0)
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -79,3 +79,10 @@ def test_committed_h100_baseline_renders(tmp_path):
     rows = load_rows(json.loads(baseline.read_text()))
     assert len(rows) == 40
     assert out.read_text().count("| bert-base/torch-compile/hybrid |") == 4
+
+
+def test_tensorrt_memory_counts_its_context_and_its_plan():
+    from perf.session import engine_reported_bytes
+
+    assert engine_reported_bytes({"backend": "torch"}) is None
+    assert engine_reported_bytes({"device_memory_bytes": 1000, "plan_bytes": 250}) == 1250
