@@ -11,19 +11,25 @@ Hypothesis run over arbitrary shapes compiles a bounded number of graphs.
 Padded key positions are masked and padded rows are cut off before the output
 is returned; the valid tokens see exactly the computation they would unpadded.
 
+Before compiling, two module swaps that keep every product the same: BERT's
+query/key/value projections become slices of one concatenated GEMM, and an
+output width that is not a multiple of 8 (GPT-2's 50257-wide LM head) is padded
+with zero rows for the GEMM and cut back.
+
 Attention.  Where a policy's matmuls are FP16/BF16 and its softmax FP32 (``hybrid``),
-the CUDA engine calls PyTorch's memory-efficient attention kernel directly: ``Q
-K^T`` and ``P V`` from half inputs with FP32 accumulation, the scale, mask and
-softmax in FP32 registers, so the policy holds inside the kernel and the
-``[batch, heads, seq, seq]`` scores never reach memory.  The kernel is named
-explicitly (not ``scaled_dot_product_attention``, whose dispatcher may fall back
-to the math path and run softmax in FP16).  Every other policy, and the CPU,
-keeps the explicit :func:`engines.torch_precision.policy_attention`, which
-Inductor fuses but which materializes the scores.
+the CUDA engine calls a fused attention kernel directly (PyTorch's memory-efficient
+kernel, cuDNN's from CUDNN_MIN_KEY_LENGTH keys): ``Q K^T`` and ``P V`` from half
+inputs with FP32 accumulation, the scale, mask and softmax in FP32, so the policy
+holds inside the kernel and the ``[batch, heads, seq, seq]`` scores never reach
+memory.  The kernels are named explicitly (not ``scaled_dot_product_attention``,
+whose dispatcher may fall back to the math path and run softmax in FP16).  Every
+other policy, and the CPU, keeps the explicit
+:func:`engines.torch_precision.policy_attention`, which Inductor fuses but which
+materializes the scores.
 
 Compilation is cached on disk by Inductor itself (FX graph and autotuning
-caches) under ``<engine cache>/torchinductor`` unless ``TORCHINDUCTOR_CACHE_DIR``
-is set; a warm cache turns minutes of compilation into seconds.
+caches) under ``<engine cache>/torchinductor`` unless the user set
+``TORCHINDUCTOR_CACHE_DIR``; another process finds its graphs there.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from torch.nn import functional as F
 from engines.audit import FUSED_ATTENTION, note_reduction
 from engines.base import TokenBatch
 from engines.precision import FLOAT32, PrecisionPolicy
-from engines.torch_cudagraph import _CapturedShape
+from engines.torch_cudagraph import CapturedShape
 from engines.torch_eager import TorchRunner
 from engines.torch_precision import PolicyLinear, _additive_mask, _policy_mask, apply_policy, torch_dtype
 
@@ -267,8 +273,7 @@ class TorchCompileRunner(TorchRunner):
     session_options: ClassVar[tuple[str, ...]] = ("cache", "compile_mode")
 
     def __init__(
-        self, model, policy, device: str, *, cache=None, compile_mode: str = "default", max_graphs: int = 16,
-        dynamic: bool = False,
+        self, model, policy, device: str, *, cache=None, compile_mode: str = "default", max_graphs: int = 16
     ) -> None:
         super().__init__(model, policy, device)
         if compile_mode not in COMPILE_MODES:
@@ -281,8 +286,7 @@ class TorchCompileRunner(TorchRunner):
         self.fused_qkv_layers = 0
         self.padded_projections = 0
         self.cudnn_attention = False
-        self.dynamic = dynamic
-        self._graphs: collections.OrderedDict[tuple[int, int], _CapturedShape] = collections.OrderedDict()
+        self._graphs: collections.OrderedDict[tuple[int, int], CapturedShape] = collections.OrderedDict()
         self._pool = None
 
     def _make_module(self) -> nn.Module:
@@ -300,7 +304,10 @@ class TorchCompileRunner(TorchRunner):
     def _build(self) -> None:
         super()._build()  # the module, and the audit of its eager run
         _allow_recompiles(len(BATCH_BUCKETS) * len(SEQUENCE_BUCKETS) + 2)
-        self.compiled = torch.compile(self.forward, options=dict(COMPILE_MODES[self.mode]), dynamic=self.dynamic)
+        # Static shapes: dynamic=True was tried on the H100 and Dynamo still
+        # recompiled per sequence bucket (the mask code specializes on it), each
+        # compile 2-3x slower than a static one.
+        self.compiled = torch.compile(self.forward, options=dict(COMPILE_MODES[self.mode]), dynamic=False)
         if self.device.type == "cuda":
             self._pool = torch.cuda.graph_pool_handle()
 
@@ -329,7 +336,7 @@ class TorchCompileRunner(TorchRunner):
         shape = padded.shape
         captured = self._graphs.get(shape)
         if captured is None:
-            captured = _CapturedShape(self.compiled, shape, self.device, self._pool)
+            captured = CapturedShape(self.compiled, shape, self.device, self._pool)
             self._graphs[shape] = captured
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
@@ -360,6 +367,5 @@ class TorchCompileRunner(TorchRunner):
             mode=f"torch.compile mode={self.mode}, static shapes padded to buckets{graphs}; {attention}"
             + (f"; Q|K|V as one GEMM in {self.fused_qkv_layers} layers" if self.fused_qkv_layers else "")
             + (f"; {self.padded_projections} unaligned projection(s) padded to 64" if self.padded_projections else ""),
-            shapes="dynamic (one compile serves many buckets; Dynamo specializes batch 1)" if self.dynamic else "static (one compile per bucket)",
             inductor_cache=self.cache_dir,
         )

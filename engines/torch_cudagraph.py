@@ -19,7 +19,7 @@ from engines.torch_eager import TorchRunner
 WARMUP_RUNS = 2
 
 
-class _CapturedShape:
+class CapturedShape:
     def __init__(self, forward, shape: tuple[int, int], device: torch.device, pool) -> None:
         self.input_ids = torch.zeros(shape, dtype=torch.int64, device=device)
         self.attention_mask = torch.ones(shape, dtype=torch.int64, device=device)
@@ -50,7 +50,7 @@ class TorchCudaGraphRunner(TorchRunner):
         if self.device.type != "cuda":
             raise BackendUnavailableError(f"{self.backend} needs a CUDA device, got {self.device}")
         self.max_graphs = max_graphs
-        self._graphs: collections.OrderedDict[tuple[int, int], _CapturedShape] = collections.OrderedDict()
+        self._graphs: collections.OrderedDict[tuple[int, int], CapturedShape] = collections.OrderedDict()
         self._pool = None
 
     def _build(self) -> None:
@@ -62,7 +62,7 @@ class TorchCudaGraphRunner(TorchRunner):
         shape = batch.shape
         captured = self._graphs.get(shape)
         if captured is None:
-            captured = _CapturedShape(self.forward, shape, self.device, self._pool)
+            captured = CapturedShape(self.forward, shape, self.device, self._pool)
             self._graphs[shape] = captured
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
