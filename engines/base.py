@@ -93,8 +93,6 @@ class Runner(abc.ABC):
     """One engine: a model at one precision on one backend and device."""
 
     backend: ClassVar[str]
-    # Shown in skips when the backend's runtime is missing.
-    install_hint: ClassVar[str | None] = None
     # Keyword arguments the runner takes from the session: "cache" (an EngineCache,
     # for backends that build artifacts), "compile_mode" (torch.compile's mode).
     session_options: ClassVar[tuple[str, ...]] = ()

@@ -46,7 +46,6 @@ def providers_for(device: str) -> list[str]:
 
 class OnnxRuntimeRunner(Runner):
     backend: ClassVar[str] = "onnxrt"
-    install_hint: ClassVar[str] = INSTALL_HINT
     session_options: ClassVar[tuple[str, ...]] = ("cache",)
 
     def __init__(self, model, policy, device: str, *, cache=None) -> None:

@@ -239,6 +239,11 @@ def _allow_recompiles(count: int) -> None:
             setattr(dynamo_config, name, count)
 
 
+# Values this module wrote into the environment: an engine with another engine
+# cache replaces them, where a user's own setting is kept.
+_ASSIGNED_INDUCTOR_DIRS: set[str] = set()
+
+
 def _torch_default_inductor_dir() -> str | None:
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -251,11 +256,11 @@ def inductor_cache_dir(cache) -> str:
     """Where Inductor keeps compiled graphs: $TORCHINDUCTOR_CACHE_DIR if the user set it, else under the engine cache.
 
     Inductor writes its own default (``/tmp/torchinductor_<user>``) into the
-    environment the first time it looks, so a value equal to that default is
-    taken as unset.
+    environment the first time it looks, so a value equal to that default, or
+    one an earlier engine of this process wrote, is taken as unset.
     """
     configured = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if configured and configured != _torch_default_inductor_dir():
+    if configured and configured != _torch_default_inductor_dir() and configured not in _ASSIGNED_INDUCTOR_DIRS:
         return configured
     if cache is None:
         from engines.cache import default_cache_root
@@ -265,6 +270,7 @@ def inductor_cache_dir(cache) -> str:
         root = cache.root
     path = str(root / "torchinductor")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    _ASSIGNED_INDUCTOR_DIRS.add(path)
     return path
 
 

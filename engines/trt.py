@@ -162,7 +162,6 @@ def check_engine_types(info: dict, policy) -> list[str]:
 
 class TensorRTRunner(Runner):
     backend: ClassVar[str] = "trt"
-    install_hint: ClassVar[str] = INSTALL_HINT
     session_options: ClassVar[tuple[str, ...]] = ("cache",)
 
     def __init__(self, model, policy, device: str, *, cache=None, options: BuilderOptions | None = None) -> None:

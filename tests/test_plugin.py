@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_pytest(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # A compile engine of this test process wrote its cache dir into the environment;
+    # the child is a fresh session and must not take it for the user's setting.
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
         cwd=ROOT,

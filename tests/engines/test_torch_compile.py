@@ -102,6 +102,18 @@ def test_compiled_engine_matches_eager_on_padded_odd_shapes(request, engine_cach
     assert description["inductor_cache"]
 
 
+def test_each_engine_cache_gets_its_own_inductor_dir_unless_the_user_set_one(tiny_bert, tmp_path, monkeypatch):
+    from engines.cache import EngineCache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    first = TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", cache=EngineCache(tmp_path / "a"))
+    second = TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", cache=EngineCache(tmp_path / "b"))
+    assert (first.cache_dir, second.cache_dir) == (str(tmp_path / "a" / "torchinductor"), str(tmp_path / "b" / "torchinductor"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    third = TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", cache=EngineCache(tmp_path / "c"))
+    assert third.cache_dir == str(tmp_path / "mine")
+
+
 def test_unknown_compile_mode_is_refused(tiny_bert):
     with pytest.raises(ValueError, match="max-autotune"):
         TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", compile_mode="fastest")
