@@ -107,7 +107,10 @@ def fused_policy_attention(module, query, key, value, attention_mask, scaling=No
     Both kernels used (memory-efficient, cuDNN) take half Q/K/V, accumulate the
     products in FP32 and keep the softmax statistics and the scaled, masked scores
     in FP32; P is rounded to the half type for ``P @ V``, as the explicit policy
-    attention rounds it.
+    attention rounds it.  (cuDNN's SDPA documents its compute type as FLOAT unless
+    asked otherwise, whatever the Q/K/V storage type: docs.nvidia.com/cudnn,
+    operations/Attention; PyTorch's memory-efficient kernel, from xFormers'
+    CUTLASS code, accumulates in float.)
     """
     policy: PrecisionPolicy = module._fidelity_policy
     matmul_dtype = torch_dtype(policy.matmul)
