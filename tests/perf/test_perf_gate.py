@@ -39,16 +39,19 @@ def saved(tmp_path_factory):
 
 @pytest.mark.slow
 def test_same_stack_passes_and_a_slowed_engine_fails_its_own_items(saved, tmp_path):
-    same = run(f"--benchmark-storage=file://{saved}", "--benchmark-compare", "--perf-threshold=0.5")
+    same = run(f"--benchmark-storage=file://{saved}", "--benchmark-compare", "--perf-threshold=2")
     assert same.returncode == 0, same.stdout[-3000:]
     assert "baseline:" in same.stdout
 
     junit = tmp_path / "junit.xml"
-    # A 50% threshold: a 2-core CI machine's noise must not fail the untouched
-    # engine; the 25 ms added to a ~2 ms call is a >10x slowdown either way.
+    # A 200% threshold: on a 2-core CI machine the untouched eager engines moved
+    # by more than 50% between two processes (FP16 matmuls on the CPU are slow and
+    # contended), which is noise here, not a regression.  The 60 ms added to a
+    # 2-11 ms call is a >6x slowdown either way.  The default 10% is exercised on
+    # the H100 (docs/results/perf-h100-compile) and in test_perf_stats.py.
     slowed = run(
-        f"--benchmark-storage=file://{saved}", "--benchmark-compare", "--perf-threshold=0.5",
-        "--perf-slow-engine", "tiny-bert/torch/hybrid=25", f"--junitxml={junit}",
+        f"--benchmark-storage=file://{saved}", "--benchmark-compare", "--perf-threshold=2",
+        "--perf-slow-engine", "tiny-bert/torch/hybrid=60", f"--junitxml={junit}",
     )
     assert slowed.returncode == 1, slowed.stdout[-3000:]
     cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
