@@ -20,6 +20,8 @@ from perf.stats import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 PERF_KEY = pytest.StashKey[PerfSession]()
 DEFAULT_STORAGE = "file://./.benchmarks"
 MARKER_KWARGS = {"threshold"}
+# What pyproject's addopts select by default: everything but the benchmarks.
+DEFAULT_MARKEXPR = "not perf"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -105,9 +107,14 @@ def pytest_configure(config: pytest.Config) -> None:
     storage_given = config.getoption("benchmark_storage", DEFAULT_STORAGE) != DEFAULT_STORAGE
     if not storage_given and hasattr(config.option, "benchmark_storage"):
         config.option.benchmark_storage = f"file://{folder}"
-    if getattr(config.option, "benchmark_save", None) or getattr(config.option, "benchmark_autosave", False):
+    saving = bool(getattr(config.option, "benchmark_save", None) or getattr(config.option, "benchmark_autosave", False))
+    if saving:
         config.option.benchmark_save_data = True  # the gate needs every round, not just the summary
     compare = bool(getattr(config.option, "benchmark_compare", None))
+    if (saving or compare) and getattr(config.option, "markexpr", "") == DEFAULT_MARKEXPR:
+        # `pytest --benchmark-compare` (or --benchmark-save) means the benchmarks: the
+        # project's addopts deselect them from a plain `pytest`, not from these.
+        config.option.markexpr = "perf"
     baseline_path = latest_baseline(Path(str(config.option.benchmark_storage).removeprefix("file://"))) if compare else None
     note = None
     if compare and baseline_path is None:
