@@ -35,7 +35,6 @@ caches) under ``<engine cache>/torchinductor`` unless the user set
 from __future__ import annotations
 
 import bisect
-import collections
 import functools
 import os
 from typing import Any, ClassVar
@@ -47,7 +46,7 @@ from torch.nn import functional as F
 from engines.audit import FUSED_ATTENTION, note_reduction
 from engines.base import TokenBatch
 from engines.precision import FLOAT32, PrecisionPolicy
-from engines.torch_cudagraph import CapturedShape
+from engines.torch_cudagraph import CapturedGraphs
 from engines.torch_eager import TorchRunner
 from engines.torch_precision import PolicyLinear, _additive_mask, _policy_mask, apply_policy, torch_dtype
 
@@ -149,13 +148,18 @@ def register_fused_attention() -> None:
 
 
 class ProjectionSlice(nn.Module):
-    """One of Q, K, V computed as a slice of the concatenated Q|K|V GEMM.
+    """A GEMM whose output is a column slice of a wider weight's product; PolicyLinear's arithmetic.
 
-    The three slices of a layer share one weight and run the same GEMM on the
-    same input; Inductor's common-subexpression elimination keeps one, so the
-    compiled graph does one [hidden, 3 x hidden] GEMM where BERT's code asks for
-    three.  (Eager, each slice would repeat the whole GEMM: only the compiled
-    engine uses this.)  Arithmetic is PolicyLinear's: same dtypes, same products.
+    Two uses, each keeping every product the same:
+
+    * Q, K and V as slices of the concatenated Q|K|V GEMM.  The three slices of a
+      layer share one weight and run the same GEMM on the same input; Inductor's
+      common-subexpression elimination keeps one, so the compiled graph does one
+      [hidden, 3 x hidden] GEMM where BERT's code asks for three.  (Eager, each
+      slice would repeat the whole GEMM: only the compiled engine uses this.)
+    * An unaligned width padded with zero rows and cut back: GPT-2's 50257-wide LM
+      head sent cuBLAS to a slow kernel (an sm75 CUTLASS kernel on the H100, 127 us
+      at b1 s128).
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, start: int, stop: int, compute_dtype, output_dtype) -> None:
@@ -167,40 +171,18 @@ class ProjectionSlice(nn.Module):
         self.output_dtype = output_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = F.linear(x.to(self.compute_dtype), self.weight, self.bias)
-        return fused[..., self.start : self.stop].to(self.output_dtype)
+        product = F.linear(x.to(self.compute_dtype), self.weight, self.bias)
+        return product[..., self.start : self.stop].to(self.output_dtype)
 
 
-class PaddedProjection(nn.Module):
-    """A PolicyLinear whose output width is padded to a multiple of 64 for the GEMM, then cut back.
-
-    GPT-2's LM head is 50257 wide; an unaligned width sends cuBLAS to a slow
-    kernel (the H100 ran it on an sm75 CUTLASS kernel, 127 us at b1 s128).  The
-    padded rows are zeros and are sliced off: the real outputs are the same products.
-    """
-
-    def __init__(self, linear: PolicyLinear, multiple: int = 64) -> None:
-        super().__init__()
-        out_features, in_features = linear.weight.shape
-        padded = -(-out_features // multiple) * multiple
-        self.out_features = out_features
-        self.compute_dtype, self.output_dtype = linear.compute_dtype, linear.output_dtype
-        weight = linear.weight.new_zeros(padded, in_features)
-        weight[:out_features] = linear.weight
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None
-        if linear.bias is not None:
-            bias = linear.bias.new_zeros(padded)
-            bias[:out_features] = linear.bias
-            self.bias = nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x.to(self.compute_dtype), self.weight, self.bias)
-        return y[..., : self.out_features].to(self.output_dtype)
+def _zero_padded(tensor: torch.Tensor, rows: int) -> nn.Parameter:
+    padded = tensor.new_zeros(rows, *tensor.shape[1:])
+    padded[: tensor.shape[0]] = tensor
+    return nn.Parameter(padded, requires_grad=False)
 
 
 def pad_unaligned_projections(module: nn.Module, multiple: int = 64) -> int:
-    """Swap every PolicyLinear whose width is not a multiple of 8 for a PaddedProjection."""
+    """Swap every PolicyLinear whose width is not a multiple of 8 for a slice of one padded to ``multiple``."""
     swaps = [
         (parent, name, child)
         for parent in module.modules()
@@ -208,7 +190,11 @@ def pad_unaligned_projections(module: nn.Module, multiple: int = 64) -> int:
         if isinstance(child, PolicyLinear) and child.weight.shape[0] % 8
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, PaddedProjection(child, multiple))
+        width = child.weight.shape[0]
+        rows = -(-width // multiple) * multiple
+        bias = None if child.bias is None else _zero_padded(child.bias, rows)
+        padded = ProjectionSlice(_zero_padded(child.weight, rows), bias, 0, width, child.compute_dtype, child.output_dtype)
+        setattr(parent, name, padded)
     return len(swaps)
 
 
@@ -295,8 +281,7 @@ class TorchCompileRunner(TorchRunner):
         self.fused_qkv_layers = 0
         self.padded_projections = 0
         self.cudnn_attention = False
-        self._graphs: collections.OrderedDict[tuple[int, int], CapturedShape] = collections.OrderedDict()
-        self._pool = None
+        self._graphs: CapturedGraphs | None = None
 
     def _make_module(self) -> nn.Module:
         module = apply_policy(self.model.module, self.policy)
@@ -318,7 +303,7 @@ class TorchCompileRunner(TorchRunner):
         # compile 2-3x slower than a static one.
         self.compiled = torch.compile(self.forward, options=dict(COMPILE_MODES[self.mode]), dynamic=False)
         if self.device.type == "cuda":
-            self._pool = torch.cuda.graph_pool_handle()
+            self._graphs = CapturedGraphs(self.compiled, self.device, self.max_graphs)
 
     def padded(self, batch: TokenBatch) -> TokenBatch:
         """``batch`` padded up to its bucket: masked pad tokens, padded rows attend their first token only."""
@@ -339,24 +324,16 @@ class TorchCompileRunner(TorchRunner):
         ids = batch.input_ids.to(self.device, non_blocking=True)
         mask = batch.attention_mask.to(self.device, non_blocking=True)
         padded = self.padded(TokenBatch(ids, mask, batch.source))
-        if self.device.type != "cuda":
+        if self._graphs is None:  # the CPU: no graphs to capture
             output = self.compiled(padded.input_ids, padded.attention_mask)
-            return output[:rows, :length].float()
-        shape = padded.shape
-        captured = self._graphs.get(shape)
-        if captured is None:
-            captured = CapturedShape(self.compiled, shape, self.device, self._pool)
-            self._graphs[shape] = captured
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
         else:
-            self._graphs.move_to_end(shape)
-        output = captured.run(padded)
+            output = self._graphs.run(padded)
         return output[:rows, :length].float()
 
     def _close(self) -> None:
-        self._graphs.clear()
-        self._pool = None
+        if self._graphs is not None:
+            self._graphs.clear()
+        self._graphs = None
         self.compiled = None
         # Dynamo's code cache keeps every compiled graph, and with freezing their
         # weight constants, alive after the engine is gone: drop it.  Another

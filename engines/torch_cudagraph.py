@@ -42,23 +42,18 @@ class CapturedShape:
         return self.output.clone()
 
 
-class TorchCudaGraphRunner(TorchRunner):
-    backend: ClassVar[str] = "torch-cudagraph"
+class CapturedGraphs:
+    """One captured graph per shape for ``forward``, in one memory pool, least recently used dropped beyond ``max_graphs``."""
 
-    def __init__(self, model, policy, device: str, max_graphs: int = 8) -> None:
-        super().__init__(model, policy, device)
-        if self.device.type != "cuda":
-            raise BackendUnavailableError(f"{self.backend} needs a CUDA device, got {self.device}")
+    def __init__(self, forward, device: torch.device, max_graphs: int) -> None:
+        self.forward = forward
+        self.device = device
         self.max_graphs = max_graphs
-        self._graphs: collections.OrderedDict[tuple[int, int], CapturedShape] = collections.OrderedDict()
-        self._pool = None
-
-    def _build(self) -> None:
-        super()._build()
         self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: collections.OrderedDict[tuple[int, int], CapturedShape] = collections.OrderedDict()
 
-    @torch.inference_mode()
-    def _infer(self, batch: TokenBatch) -> torch.Tensor:
+    def run(self, batch: TokenBatch) -> torch.Tensor:
+        """Replay the graph of ``batch.shape`` (captured on first use) on ``batch``; a copy of the output."""
         shape = batch.shape
         captured = self._graphs.get(shape)
         if captured is None:
@@ -68,11 +63,34 @@ class TorchCudaGraphRunner(TorchRunner):
                 self._graphs.popitem(last=False)
         else:
             self._graphs.move_to_end(shape)
-        return captured.run(batch).float()
+        return captured.run(batch)
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+
+class TorchCudaGraphRunner(TorchRunner):
+    backend: ClassVar[str] = "torch-cudagraph"
+
+    def __init__(self, model, policy, device: str, max_graphs: int = 8) -> None:
+        super().__init__(model, policy, device)
+        if self.device.type != "cuda":
+            raise BackendUnavailableError(f"{self.backend} needs a CUDA device, got {self.device}")
+        self.max_graphs = max_graphs
+        self._graphs: CapturedGraphs | None = None
+
+    def _build(self) -> None:
+        super()._build()
+        self._graphs = CapturedGraphs(self.forward, self.device, self.max_graphs)
+
+    @torch.inference_mode()
+    def _infer(self, batch: TokenBatch) -> torch.Tensor:
+        return self._graphs.run(batch).float()
 
     def _close(self) -> None:
-        self._graphs.clear()
-        self._pool = None
+        if self._graphs is not None:
+            self._graphs.clear()
+        self._graphs = None
         super()._close()
 
     def describe(self) -> dict[str, Any]:
