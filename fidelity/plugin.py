@@ -18,6 +18,7 @@ from engines.env import DEVICE_CHOICES, DeviceUnavailableError
 from engines.models import WEIGHTS_MODES, ModelLoadError, UnknownModelError, parse_model_paths
 from engines.precision import UnknownPrecisionError
 from engines.registry import UnknownBackendError, get_backend
+from engines.torch_compile import COMPILE_MODES
 from fidelity.session import DEFAULT_MODELS, EngineCase, FidelityOptions, FidelitySession, OptionError
 from fidelity.strategies import INPUT_PROFILES
 
@@ -79,8 +80,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--compile-mode",
         default="default",
-        choices=("default", "max-autotune"),
-        help="torch.compile mode of the torch-compile backend (max-autotune: GEMM autotuning, minutes per shape when cold)",
+        choices=tuple(COMPILE_MODES),
+        help="torch.compile mode of the torch-compile backend (max-autotune: GEMM autotuning, longer cold compiles)",
     )
 
 

@@ -49,15 +49,17 @@ class ForwardCost:
     weight_bytes: float
     output_bytes: float
 
-    def floor_s(self, peaks: GpuPeaks, precision: str) -> float:
+    def times_s(self, peaks: GpuPeaks, precision: str) -> tuple[float, float]:
+        """(memory time, compute time) of one pass at the device's peaks."""
         flops_per_s = peaks.fp32_flops if WEIGHT_BYTES.get(precision, 4) == 4 else peaks.half_flops
-        memory = (self.weight_bytes + self.output_bytes) / peaks.memory_bytes_per_s
-        return max(memory, self.flops / flops_per_s)
+        return (self.weight_bytes + self.output_bytes) / peaks.memory_bytes_per_s, self.flops / flops_per_s
+
+    def floor_s(self, peaks: GpuPeaks, precision: str) -> float:
+        return max(self.times_s(peaks, precision))
 
     def bound(self, peaks: GpuPeaks, precision: str) -> str:
-        flops_per_s = peaks.fp32_flops if WEIGHT_BYTES.get(precision, 4) == 4 else peaks.half_flops
-        memory = (self.weight_bytes + self.output_bytes) / peaks.memory_bytes_per_s
-        return "memory" if memory >= self.flops / flops_per_s else "compute"
+        memory, compute = self.times_s(peaks, precision)
+        return "memory" if memory >= compute else "compute"
 
 
 def forward_cost(family: str, config: Mapping[str, Any], precision: str, batch: int, seq: int) -> ForwardCost:
