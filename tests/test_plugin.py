@@ -129,3 +129,18 @@ def test_compiled_engine_runs_through_the_fidelity_gate(tmp_path):
     assert all(r["nan_count"] == 0 and r["verdict"] == "PASS" for r in rows), rows
     engine = data["engines"]["tiny-bert/torch-compile/hybrid"]
     assert "torch.compile mode=default" in engine["mode"] and engine["inductor_cache"] == str(tmp_path / "cache" / "torchinductor")
+
+
+def test_compile_debug_records_stay_out_of_failure_reports(tmp_path):
+    # Each torch.compile emits hundreds of empty "torch.__trace" DEBUG records;
+    # the project's log_level keeps them out of a failed item's report.
+    test_file = tmp_path / "test_compiled_failure.py"
+    test_file.write_text(
+        "import torch\n\n\ndef test_fails_after_compile():\n"
+        "    torch.compile(lambda x: x * 2 + 1)(torch.ones(3))\n"
+        "    assert False, 'expected failure'\n"
+    )
+    proc = run_pytest("-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT), str(test_file), timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "expected failure" in proc.stdout
+    assert "torch.__trace" not in proc.stdout
