@@ -3,13 +3,14 @@
 The machine id is the GPU's compute capability and name (``sm90-NVIDIA_H100_80GB_HBM3``)
 or, without a GPU, the CPU's model (``cpu-x86_64-Intel_Xeon_...``).  pytest-benchmark
 writes its JSON into that folder (inside its own OS/Python subfolder) and reads it
-with ``--benchmark-compare``; this module finds the newest file for a machine and
+with ``--benchmark-compare``; this module chooses the stored run to compare with and
 checks that what must match does: the machine id and the major versions of the
 runtimes that produced the numbers.  A mismatch refuses the comparison.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import platform
 import re
@@ -20,6 +21,11 @@ BASELINES_DIR = Path(__file__).resolve().parents[1] / "baselines"
 # Version history of the "fidelity_suite" block inside pytest-benchmark's machine_info:
 #   1: machine_id, gpu, compute_capability, driver, cuda, torch, transformers, onnxruntime, tensorrt
 BASELINE_SCHEMA_VERSION = 1
+# A top-level block of each run this suite saves (pytest-benchmark keeps unknown keys):
+#   {"schema": 1, "selected": N, "finished": M, "interrupted": bool, "complete": bool}
+# Runs saved before it existed (baselines 0001-0003 of the H100) have none and count as complete.
+RUN_RECORD_KEY = "fidelity_suite_run"
+RUN_RECORD_SCHEMA_VERSION = 1
 # Facts that must match between a baseline and the candidate (major versions only
 # for runtimes: an upgrade within a major is exactly what the gate is for).
 CHECKED_FACTS = ("machine_id",)
@@ -81,12 +87,68 @@ def machine_dir(device: str, root: Path = BASELINES_DIR) -> Path:
     return root / machine_id(device)
 
 
-def latest_baseline(folder: Path) -> Path | None:
-    """The newest pytest-benchmark JSON under ``folder`` (its 0001_, 0002_... counter decides)."""
+def baseline_files(folder: Path) -> list[Path]:
+    """Stored runs under ``folder``, oldest first (pytest-benchmark's 0001_, 0002_... counter decides)."""
     if not folder.is_dir():
+        return []
+    return sorted(folder.rglob("*.json"), key=lambda p: (p.name.split("_", 1)[0], p.stat().st_mtime))
+
+
+class BaselineSelectionError(ValueError):
+    """``--benchmark-compare=SPEC`` names no stored run, or more than one."""
+
+
+def run_record(path: Path) -> dict[str, Any] | None:
+    """The "fidelity_suite_run" block of a stored run: absent in runs saved before schema 2."""
+    try:
+        return json.loads(path.read_text()).get(RUN_RECORD_KEY)
+    except (OSError, ValueError):
         return None
-    files = sorted(folder.rglob("*.json"), key=lambda p: (p.name.split("_", 1)[0], p.stat().st_mtime))
-    return files[-1] if files else None
+
+
+def _incomplete_reason(record: dict[str, Any] | None) -> str | None:
+    if record is None or record.get("complete", True):
+        return None
+    how = "interrupted" if record.get("interrupted") else "stopped early"
+    return f"{how} after {record.get('finished')} of {record.get('selected')} configurations"
+
+
+def select_baseline(folder: Path, spec: bool | str) -> tuple[Path | None, list[str]]:
+    """The stored run to compare with, and notes on newer runs passed over.
+
+    ``spec`` is pytest-benchmark's ``--benchmark-compare`` value: ``True`` (no
+    argument) takes the newest *complete* run, so that a save interrupted half-way
+    does not become a baseline that silently gates only what it measured; a
+    string (``0004``, ``0004_nightly``, ``Linux-CPython-3.12-64bit/0004`` or a
+    path) names one run, complete or not, as pytest-benchmark matches it.
+    """
+    files = baseline_files(folder)
+    if spec is True:
+        notes = []
+        for path in reversed(files):
+            reason = _incomplete_reason(run_record(path))
+            if reason is None:
+                return path, notes
+            counter = path.name.split("_", 1)[0]
+            notes.append(f"passed over {path.name}: {reason}; to compare with it anyway: --benchmark-compare={counter}")
+        return None, notes
+    candidate = Path(spec)
+    if candidate.is_file():
+        return candidate, []
+    platform_glob, _, name = spec.rpartition("/")
+    name_glob = name.rstrip("*") + "*.json"
+    matches = [
+        p for p in files
+        if fnmatch.fnmatch(p.name, name_glob) and (not platform_glob or fnmatch.fnmatch(p.parent.name, platform_glob))
+    ]
+    if len(matches) != 1:
+        stored = ", ".join(str(p.relative_to(folder)) for p in files) or "none"
+        what = "matches no stored run" if not matches else f"matches {len(matches)} stored runs"
+        raise BaselineSelectionError(
+            f"--benchmark-compare={spec} {what} under {folder} (stored: {stored}); name one, for example "
+            f"--benchmark-compare={files[-1].name.split('_', 1)[0] if files else '0001'}"
+        )
+    return matches[0], []
 
 
 def _major(version: str | None) -> str | None:

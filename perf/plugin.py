@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from perf.baselines import Baseline, BaselineMismatchError, check_compatible, latest_baseline, machine_dir, machine_facts
+from perf.baselines import (
+    RUN_RECORD_KEY,
+    Baseline,
+    BaselineMismatchError,
+    BaselineSelectionError,
+    check_compatible,
+    machine_dir,
+    machine_facts,
+    select_baseline,
+)
 from perf.session import GRIDS, PerfSession
 from perf.stats import DEFAULT_ALPHA, DEFAULT_THRESHOLD
 
@@ -110,22 +119,31 @@ def pytest_configure(config: pytest.Config) -> None:
     saving = bool(getattr(config.option, "benchmark_save", None) or getattr(config.option, "benchmark_autosave", False))
     if saving:
         config.option.benchmark_save_data = True  # the gate needs every round, not just the summary
-    compare = bool(getattr(config.option, "benchmark_compare", None))
+    compare_spec = getattr(config.option, "benchmark_compare", None)
+    compare = bool(compare_spec)
     if (saving or compare) and getattr(config.option, "markexpr", "") == DEFAULT_MARKEXPR:
         # `pytest --benchmark-compare` (or --benchmark-save) means the benchmarks: the
         # project's addopts deselect them from a plain `pytest`, not from these.
         config.option.markexpr = "perf"
-    baseline_path = latest_baseline(Path(str(config.option.benchmark_storage).removeprefix("file://"))) if compare else None
-    note = None
+    baseline_path, notes = None, []
+    if compare:
+        storage = Path(str(config.option.benchmark_storage).removeprefix("file://"))
+        try:
+            baseline_path, notes = select_baseline(storage, compare_spec)
+        except BaselineSelectionError as exc:
+            raise pytest.UsageError(str(exc)) from None
     if compare and baseline_path is None:
         message = (
-            f"no baseline for machine {folder.name} under {folder}: run "
+            f"no {'complete ' if notes else ''}baseline for machine {folder.name} under {folder}: run "
             f"`pytest -m perf --benchmark-save=baseline` on this machine to record one"
         )
         if config.getoption("--require-baseline"):
-            raise pytest.UsageError(message)
-        note = message
+            raise pytest.UsageError("; ".join([message, *notes]))
+        notes.insert(0, message)
         config.option.benchmark_compare = []  # pytest-benchmark would only warn; the tests say it instead
+    elif baseline_path is not None:
+        # pytest-benchmark's own table compares with the same file as the gate.
+        config.option.benchmark_compare = str(baseline_path)
     baseline = None
     if baseline_path is not None:
         try:
@@ -146,8 +164,27 @@ def pytest_configure(config: pytest.Config) -> None:
         slow_engines=_parse_slow(config.getoption("--perf-slow-engine")),
         gate_backends=_gate_backends(config.getoption("--perf-gate-backends"), device),
     )
-    session.no_baseline_note = note
+    session.baseline_notes = notes
     config.stash[PERF_KEY] = session
+    config.pluginmanager.register(RunProgress(session), "fidelity-perf-progress")
+
+
+class RunProgress:
+    """Counts the perf items a run selected and finished, and notes an interrupt, for the saved run record."""
+
+    def __init__(self, session: PerfSession) -> None:
+        self.session = session
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.session.selected = sum(1 for item in session.items if item.get_closest_marker("perf"))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # Finished: its call ran, or setup skipped or failed it (an OOM skip is finished).
+        if "perf" in report.keywords and (report.when == "call" or (report.when == "setup" and not report.passed)):
+            self.session.finished.add(report.nodeid)
+
+    def pytest_keyboard_interrupt(self, excinfo) -> None:
+        self.session.interrupted = True
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -177,6 +214,12 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     session = config.stash.get(PERF_KEY, None)
     if session is not None:
         machine_info["fidelity_suite"] = machine_facts(session.device)
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
+    session = config.stash.get(PERF_KEY, None)
+    if session is not None:
+        output_json[RUN_RECORD_KEY] = session.run_record()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

@@ -9,9 +9,16 @@ from typing import Any
 import torch
 
 from engines.base import Runner
-from perf.baselines import Baseline
+from perf.baselines import RUN_RECORD_SCHEMA_VERSION, Baseline
 from perf.stats import Comparison, compare_memory, compare_samples, median, percentile
-from perf.timing import TimedEngine, device_used_bytes, first_call_seconds, median_seconds, peak_device_bytes, staged_inputs
+from perf.timing import (
+    TimedEngine,
+    device_used_bytes,
+    first_call_seconds,
+    median_seconds,
+    peak_device_bytes,
+    staged_inputs,
+)
 
 GRIDS: dict[str, list[tuple[int, int]]] = {
     # The targets' shapes: b1 s128 (latency), b32 s128 and b32 s512 (throughput).
@@ -99,7 +106,12 @@ class PerfSession:
         self.cpu_baseline_enabled = cpu_baseline
         self.slow_engines = slow_engines
         self.gate_backends = gate_backends
-        self.no_baseline_note: str | None = None
+        self.baseline_notes: list[str] = []  # no baseline; newer incomplete runs passed over
+        # How far this run got, saved with it: a save interrupted half-way must not
+        # become the baseline that the next compare silently gates with.
+        self.selected = 0
+        self.finished: set[str] = set()
+        self.interrupted = False
         self.results: list[PerfResult] = []
         self._cpu_runners: dict[str, Runner] = {}
         self._cpu_medians: dict[tuple[str, int, int], float] = {}
@@ -110,6 +122,17 @@ class PerfSession:
 
     def injected_delay(self, engine_id: str) -> float:
         return sum(delay for pattern, delay in self.slow_engines if fnmatch.fnmatch(engine_id, pattern))
+
+    def run_record(self) -> dict[str, Any]:
+        """What a saved run says about its own completeness (perf.baselines.RUN_RECORD_KEY)."""
+        finished = len(self.finished)
+        return {
+            "schema": RUN_RECORD_SCHEMA_VERSION,
+            "selected": self.selected,
+            "finished": finished,
+            "interrupted": self.interrupted,
+            "complete": not self.interrupted and finished >= self.selected,
+        }
 
     # -- measuring ----------------------------------------------------------------------
     def cpu_fp32_median(self, runner: Runner, shape: tuple[int, int]) -> float | None:
@@ -173,9 +196,8 @@ class PerfSession:
 
     def summary_lines(self) -> list[str]:
         lines = []
-        if self.no_baseline_note:
-            lines.append(self.no_baseline_note)
-        elif self.baseline is not None:
+        lines.extend(self.baseline_notes)
+        if self.baseline is not None:
             lines.append(f"baseline: {self.baseline.path}")
         for r in self.results:
             speed = f"{r.speedup_over_cpu:7.1f}x CPU" if r.speedup_over_cpu else "       -   "

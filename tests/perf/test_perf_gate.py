@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -84,6 +86,48 @@ def test_baseline_from_another_architecture_is_refused(saved, tmp_path):
     proc = run(f"--benchmark-storage=file://{foreign}", "--benchmark-compare")
     assert proc.returncode == 4
     assert "recorded for machine_id 'sm80-NVIDIA_A100_SXM4_80GB'" in proc.stderr and "it is not compared" in proc.stderr
+
+
+@pytest.mark.slow
+def test_an_interrupted_save_keeps_what_it_measured_and_is_not_the_default_baseline(saved, tmp_path):
+    storage = tmp_path / "storage"
+    shutil.copytree(saved, storage)
+    (earlier,) = storage.rglob("0001_*.json")
+    earlier_bytes = earlier.read_bytes()
+    # 300 ms per call makes each item last seconds: Ctrl-C lands in the second one.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *SELECT, "-v", f"--benchmark-storage=file://{storage}",
+         "--benchmark-save=nightly", "--perf-slow-engine", "*=300"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if "PASSED" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    output.extend(proc.stdout)
+    assert proc.wait(timeout=300) == 2, "".join(output)[-3000:]  # pytest's "interrupted"
+
+    assert earlier.read_bytes() == earlier_bytes
+    (partial,) = storage.rglob("0002_nightly.json")
+    data = json.loads(partial.read_text())
+    run_record = data["fidelity_suite_run"]
+    assert run_record["interrupted"] and not run_record["complete"]
+    assert run_record["selected"] == 4 and 1 <= run_record["finished"] < 4
+    assert len(data["benchmarks"]) >= 1  # what was measured before Ctrl-C is kept
+
+    default = run(f"--benchmark-storage=file://{storage}", "--benchmark-compare", "--perf-threshold=2")
+    assert default.returncode == 0, default.stdout[-3000:]
+    assert "passed over 0002_nightly.json: interrupted after" in default.stdout
+    assert "0001_baseline.json" in default.stdout.split("latency gate", 1)[1].splitlines()[2]
+
+    named = run(f"--benchmark-storage=file://{storage}", "--benchmark-compare=0002", "--perf-threshold=2")
+    assert named.returncode == 0, named.stdout[-3000:]
+    summary = named.stdout.split("latency gate", 1)[1]
+    assert "0002_nightly.json" in summary.splitlines()[1]
+    assert "not in baseline 0002_nightly.json" in summary  # the items it never measured
 
 
 def test_memory_cap_needs_a_gpu():

@@ -1,0 +1,71 @@
+"""Which stored run a compare uses: the newest complete one, or the one named."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from perf.baselines import RUN_RECORD_KEY, BaselineSelectionError, select_baseline
+
+PLATFORM = "Linux-CPython-3.12-64bit"
+
+
+def store(folder: Path, name: str, record: dict | None) -> Path:
+    """A stored run as pytest-benchmark writes it (no benchmarks needed for choosing one)."""
+    path = folder / PLATFORM / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"machine_info": {}, "commit_info": {}, "benchmarks": [], "datetime": "2026-11-25T00:00:00", "version": "5.2.3"}
+    if record is not None:
+        data[RUN_RECORD_KEY] = record
+    path.write_text(json.dumps(data))
+    return path
+
+
+def record(finished: int, selected: int = 40, *, interrupted: bool = False) -> dict:
+    return {"schema": 1, "selected": selected, "finished": finished, "interrupted": interrupted,
+            "complete": not interrupted and finished >= selected}
+
+
+def test_the_newest_complete_run_is_compared_and_newer_partial_ones_are_named(tmp_path):
+    old = store(tmp_path, "0001_baseline.json", None)  # saved before run records: complete
+    full = store(tmp_path, "0002_baseline.json", record(40))
+    store(tmp_path, "0003_nightly.json", record(12, interrupted=True))
+    store(tmp_path, "0004_nightly.json", record(30))  # stopped early (-x), not interrupted
+    path, notes = select_baseline(tmp_path, True)
+    assert path == full and path != old
+    assert notes == [
+        (
+            "passed over 0004_nightly.json: stopped early after 30 of 40 configurations; "
+            "to compare with it anyway: --benchmark-compare=0004"
+        ),
+        (
+            "passed over 0003_nightly.json: interrupted after 12 of 40 configurations; "
+            "to compare with it anyway: --benchmark-compare=0003"
+        ),
+    ]
+
+
+def test_only_partial_runs_means_no_baseline(tmp_path):
+    store(tmp_path, "0001_baseline.json", record(3, interrupted=True))
+    path, notes = select_baseline(tmp_path, True)
+    assert path is None and len(notes) == 1
+    assert select_baseline(tmp_path / "absent", True) == (None, [])
+
+
+def test_a_named_run_is_used_complete_or_not(tmp_path):
+    store(tmp_path, "0001_baseline.json", record(40))
+    partial = store(tmp_path, "0002_nightly.json", record(12, interrupted=True))
+    for spec in ("0002", "0002_nightly", f"{PLATFORM}/0002", "*/0002", str(partial)):
+        assert select_baseline(tmp_path, spec) == (partial, []), spec
+
+
+@pytest.mark.parametrize("spec,problem", [("0009", "matches no stored run"), ("00", "matches 2 stored runs")])
+def test_a_name_that_picks_no_single_run_is_an_error_listing_the_runs(tmp_path, spec, problem):
+    store(tmp_path, "0001_baseline.json", None)
+    store(tmp_path, "0002_baseline.json", None)
+    with pytest.raises(BaselineSelectionError) as exc:
+        select_baseline(tmp_path, spec)
+    message = str(exc.value)
+    assert problem in message
+    assert f"{PLATFORM}/0001_baseline.json, {PLATFORM}/0002_baseline.json" in message
+    assert "--benchmark-compare=0002" in message
