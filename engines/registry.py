@@ -19,6 +19,8 @@ class BackendInfo:
     target: str  # "module:Class"
     devices: tuple[str, ...]  # device types it runs on
     description: str
+    # The package whose major version a stored latency baseline must share (perf/baselines.py).
+    runtime: str = "torch"
 
     def load(self) -> type[Runner]:
         module_name, _, class_name = self.target.partition(":")
@@ -45,14 +47,22 @@ BACKENDS: dict[str, BackendInfo] = {
             ("cpu", "cuda"),
             "torch.compile (Inductor), static shape buckets, CUDA graph per bucket, fused attention for hybrid",
         ),
-        BackendInfo("onnxrt", "engines.onnxrt:OnnxRuntimeRunner", ("cpu", "cuda"), "ONNX Runtime on the precision graph"),
+        BackendInfo(
+            "onnxrt",
+            "engines.onnxrt:OnnxRuntimeRunner",
+            ("cpu", "cuda"),
+            "ONNX Runtime on the precision graph",
+            runtime="onnxruntime",
+        ),
         BackendInfo(
             "onnx-torch",
             "engines.onnx_torch:OnnxTorchRunner",
             ("cpu", "cuda"),
             "the precision graph interpreted with torch ops (real FP16/BF16 arithmetic on CUDA)",
         ),
-        BackendInfo("trt", "engines.trt:TensorRTRunner", ("cuda",), "TensorRT >= 10, strongly typed network"),
+        BackendInfo(
+            "trt", "engines.trt:TensorRTRunner", ("cuda",), "TensorRT >= 10, strongly typed network", runtime="tensorrt"
+        ),
     )
 }
 

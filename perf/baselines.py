@@ -14,6 +14,7 @@ import fnmatch
 import json
 import platform
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,12 @@ BASELINE_SCHEMA_VERSION = 1
 # Runs saved before it existed (baselines 0001-0003 of the H100) have none and count as complete.
 RUN_RECORD_KEY = "fidelity_suite_run"
 RUN_RECORD_SCHEMA_VERSION = 1
-# Facts that must match between a baseline and the candidate (major versions only
-# for runtimes: an upgrade within a major is exactly what the gate is for).
+# Facts that must match between a baseline and the candidate.  Runtimes are
+# checked by major version only (an upgrade within a major is exactly what the
+# gate is for), and only the runtimes the baseline's engines ran on
+# (engines.registry: BackendInfo.runtime): installing TensorRT does not void a
+# baseline of PyTorch engines.
 CHECKED_FACTS = ("machine_id",)
-CHECKED_MAJOR_VERSIONS = ("tensorrt",)
 
 
 class BaselineMismatchError(RuntimeError):
@@ -155,12 +158,18 @@ def _major(version: str | None) -> str | None:
     return None if not version else version.split(".", 1)[0]
 
 
-def check_compatible(baseline_facts: dict[str, Any], current: dict[str, Any], *, source: Path) -> None:
+def check_compatible(
+    baseline_facts: dict[str, Any], current: dict[str, Any], *, source: Path, backends: Iterable[str] = ()
+) -> None:
+    """Refuse a baseline of another machine id, or of another major version of a runtime its ``backends`` ran on."""
+    from engines.registry import BACKENDS
+
     problems = []
     for key in CHECKED_FACTS:
         if baseline_facts.get(key) != current.get(key):
             problems.append(f"{key} {baseline_facts.get(key)!r} (here {current.get(key)!r})")
-    for key in CHECKED_MAJOR_VERSIONS:
+    runtimes = sorted({BACKENDS[b].runtime for b in backends if b in BACKENDS})
+    for key in runtimes:
         if _major(baseline_facts.get(key)) != _major(current.get(key)):
             problems.append(f"{key} major version {baseline_facts.get(key)!r} (here {current.get(key)!r})")
     if problems:
@@ -182,6 +191,12 @@ class Baseline:
                 f"{path} has no fidelity_suite machine facts (not saved by this suite); it is not compared"
             )
         self.benchmarks = {b["fullname"]: b for b in data.get("benchmarks", [])}
+
+    @property
+    def backends(self) -> set[str]:
+        """The backends whose results this run holds (from each result's model/backend/precision)."""
+        engines = (b.get("extra_info", {}).get("engine", "") for b in self.benchmarks.values())
+        return {parts[1] for parts in (e.split("/") for e in engines) if len(parts) == 3}
 
     def samples(self, fullname: str) -> list[float] | None:
         entry = self.benchmarks.get(fullname)

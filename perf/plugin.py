@@ -148,7 +148,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if baseline_path is not None:
         try:
             baseline = Baseline(baseline_path)
-            check_compatible(baseline.facts, machine_facts(device), source=baseline_path)
+            check_compatible(baseline.facts, machine_facts(device), source=baseline_path, backends=baseline.backends)
         except BaselineMismatchError as exc:
             raise pytest.UsageError(str(exc)) from None
     session = PerfSession(

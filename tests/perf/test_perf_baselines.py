@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from perf.baselines import RUN_RECORD_KEY, BaselineSelectionError, select_baseline
+from perf.baselines import (
+    RUN_RECORD_KEY,
+    Baseline,
+    BaselineMismatchError,
+    BaselineSelectionError,
+    check_compatible,
+    select_baseline,
+)
 
 PLATFORM = "Linux-CPython-3.12-64bit"
 
@@ -69,3 +76,39 @@ def test_a_name_that_picks_no_single_run_is_an_error_listing_the_runs(tmp_path, 
     assert problem in message
     assert f"{PLATFORM}/0001_baseline.json, {PLATFORM}/0002_baseline.json" in message
     assert "--benchmark-compare=0002" in message
+
+
+FACTS = {"machine_id": "sm90-NVIDIA_H100_80GB_HBM3", "torch": "2.11.0+cu130", "tensorrt": None, "onnxruntime": None}
+
+
+def test_installing_tensorrt_does_not_void_a_baseline_of_torch_engines():
+    check_compatible(FACTS, dict(FACTS, tensorrt="10.13.0"), source=Path("b.json"), backends={"torch-compile"})
+
+
+@pytest.mark.parametrize(
+    "backends,change,refused",
+    [
+        ({"trt", "torch-cudagraph"}, {"tensorrt": "11.0.1"}, "tensorrt major version '10.13.0' (here '11.0.1')"),
+        ({"torch-compile"}, {"torch": "3.0.0"}, "torch major version '2.11.0+cu130' (here '3.0.0')"),
+        ({"onnxrt"}, {"onnxruntime": None}, "onnxruntime major version '1.23.0' (here None)"),
+        ({"torch"}, {"machine_id": "sm80-NVIDIA_A100_SXM4_80GB"}, "machine_id 'sm90-NVIDIA_H100_80GB_HBM3'"),
+    ],
+)
+def test_another_major_version_of_a_runtime_the_baseline_ran_on_is_refused(backends, change, refused):
+    baseline = dict(FACTS, tensorrt="10.13.0", onnxruntime="1.23.0")
+    check_compatible(baseline, dict(baseline, tensorrt="10.14.1", torch="2.13.0"), source=Path("b.json"), backends=backends)
+    with pytest.raises(BaselineMismatchError) as exc:
+        check_compatible(baseline, dict(baseline, **change), source=Path("b.json"), backends=backends)
+    assert refused in str(exc.value) and "it is not compared" in str(exc.value)
+
+
+def test_a_stored_run_knows_its_backends(tmp_path):
+    path = store(tmp_path, "0001_baseline.json", None)
+    data = json.loads(path.read_text())
+    data["machine_info"]["fidelity_suite"] = FACTS
+    data["benchmarks"] = [
+        {"fullname": f"perf/test_latency.py::test_latency[b1s128-{engine}]", "extra_info": {"engine": engine}, "stats": {}}
+        for engine in ("bert-base/trt/hybrid", "gpt2/torch-compile/fp16")
+    ]
+    path.write_text(json.dumps(data))
+    assert Baseline(path).backends == {"trt", "torch-compile"}
