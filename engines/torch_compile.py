@@ -91,13 +91,21 @@ def fused_attention_allowed(policy: PrecisionPolicy) -> bool:
 CUDNN_MIN_KEY_LENGTH = 256
 
 
-def _aligned_bias(mask: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int, int, int]) -> torch.Tensor:
+def _aligned_bias(
+    mask: torch.Tensor, dtype: torch.dtype, shape: tuple[int, int, int, int], *, broadcast_heads: bool = False
+) -> torch.Tensor:
+    """The additive mask as the kernel's bias: ``shape``, or ``[batch, 1, q, k]`` read by every head."""
     bias = _additive_mask(mask, dtype)
     kv_len = bias.shape[-1]
     pad = -kv_len % _BIAS_ALIGNMENT
     if pad:  # an aligned allocation viewed at the true length, as SDPA itself does
         bias = F.pad(bias, (0, pad))[..., :kv_len]
-    return bias.expand(shape)
+    if broadcast_heads:
+        # Expanded over heads, the bias was written out once per head by Inductor
+        # (at b32 s512: 0.74 ms of a 2.8 ms attention stack; cuDNN reading one
+        # [batch, 1, q, k] bias: 1.9 ms, same output; probes/bias-probe.log).
+        return bias.expand(shape[0], 1, shape[2], shape[3])
+    return bias.expand(shape)  # the memory-efficient kernel wants the head dimension
 
 
 def fused_policy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -119,8 +127,11 @@ def fused_policy_attention(module, query, key, value, attention_mask, scaling=No
     batch, heads, q_len, _ = query.shape
     kv_len = key.shape[-2]
     q, k, v = (t.to(matmul_dtype) for t in (query, key, value))
-    bias = None if attention_mask is None else _aligned_bias(attention_mask, matmul_dtype, (batch, heads, q_len, kv_len))
-    if getattr(module, "_fidelity_cudnn_attention", False) and kv_len >= CUDNN_MIN_KEY_LENGTH:
+    cudnn = getattr(module, "_fidelity_cudnn_attention", False) and kv_len >= CUDNN_MIN_KEY_LENGTH
+    bias = None
+    if attention_mask is not None:
+        bias = _aligned_bias(attention_mask, matmul_dtype, (batch, heads, q_len, kv_len), broadcast_heads=cudnn)
+    if cudnn:
         output = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, False, 0.0, False, False, scale=scaling)[0]
     else:
         output = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, False, scale=scaling)[0]
@@ -128,12 +139,21 @@ def fused_policy_attention(module, query, key, value, attention_mask, scaling=No
 
 
 def cudnn_attention_works(device: torch.device) -> bool:
-    """Whether this PyTorch/cuDNN runs the cuDNN attention kernel with a bias here (tried, not assumed)."""
+    """Whether cuDNN's attention runs here with a bias broadcast over heads, and gives what the expanded bias gives.
+
+    Tried, not assumed: a PyTorch or cuDNN without it (or without the kernel at
+    all) leaves the engine on the memory-efficient kernel.
+    """
+    length = CUDNN_MIN_KEY_LENGTH
     try:
-        q = torch.zeros(1, 1, CUDNN_MIN_KEY_LENGTH, 64, dtype=torch.float16, device=device)
-        bias = torch.zeros(1, 1, CUDNN_MIN_KEY_LENGTH, CUDNN_MIN_KEY_LENGTH, dtype=torch.float16, device=device)
-        torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, bias, False, 0.0, False, False)
-        return True
+        generator = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(1, 2, length, 64, generator=generator, device=device).to(torch.float16)
+        bias = torch.zeros(1, 1, length, length, dtype=torch.float16, device=device)
+        bias[..., length // 2 :] = torch.finfo(torch.float16).min  # the second half of the keys masked
+        attend = torch.ops.aten._scaled_dot_product_cudnn_attention
+        broadcast = attend(q, q, q, bias, False, 0.0, False, False)[0]
+        expanded = attend(q, q, q, bias.expand(1, 2, length, length).contiguous(), False, 0.0, False, False)[0]
+        return bool(torch.allclose(broadcast.float(), expanded.float(), atol=1e-3, rtol=0))
     except (RuntimeError, NotImplementedError):
         return False
 

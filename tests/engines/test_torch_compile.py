@@ -197,3 +197,17 @@ def test_compiled_graphs_are_cached_under_the_engine_cache(tmp_path):
     assert runs[0]["inductor"].get("fxgraph_cache_miss") == 1
     assert runs[1]["inductor"].get("fxgraph_cache_hit") == 1 and not runs[1]["inductor"].get("fxgraph_cache_miss")
     assert (tmp_path / "torchinductor" / "fxgraph").is_dir()
+
+
+def test_the_cudnn_bias_is_read_by_every_head_and_the_efficient_one_has_them_all():
+    from engines.torch_compile import _aligned_bias
+
+    mask = torch.ones(2, 1, 4, 300, dtype=torch.bool)
+    mask[1, ..., 200:] = False
+    shape = (2, 12, 4, 300)
+    broadcast = _aligned_bias(mask, torch.float16, shape, broadcast_heads=True)
+    expanded = _aligned_bias(mask, torch.float16, shape)
+    assert broadcast.shape == (2, 1, 4, 300) and expanded.shape == shape
+    assert torch.equal(broadcast.expand(shape), expanded)
+    assert broadcast.stride(-2) % 16 == 0  # 300 keys padded to an aligned row, viewed at 300
+    assert broadcast[1, 0, 0, 200].item() == torch.finfo(torch.float16).min and broadcast[0].eq(0).all()
