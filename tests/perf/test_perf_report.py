@@ -75,7 +75,7 @@ def test_committed_h100_baseline_renders_the_committed_results(tmp_path, monkeyp
 
     root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)  # the report names its source as given: relative, as in the docs
-    baseline = next(Path("baselines").glob("sm90-*/*/0003_baseline.json"))
+    baseline = next(Path("baselines").glob("sm90-*/*/0004_baseline.json"))
     out = tmp_path / "r.md"
     assert main([str(baseline), "-o", str(out)]) == 0
     rows = load_rows(json.loads(baseline.read_text()))
