@@ -89,6 +89,12 @@ def validate_batch(batch: TokenBatch, *, vocab_size: int, max_positions: int, mo
         raise InvalidInputError(f"{model_name}: samples {empty} have no attended token (all-zero attention_mask)")
 
 
+def split_engine_name(name: str) -> tuple[str, str, str]:
+    """``model/backend/precision`` (a :attr:`Runner.name`, as stored with each perf result) split into its parts."""
+    model, backend, precision = name.split("/")
+    return model, backend, precision
+
+
 class Runner(abc.ABC):
     """One engine: a model at one precision on one backend and device."""
 
@@ -112,6 +118,7 @@ class Runner(abc.ABC):
     # -- public protocol -------------------------------------------------------
     @property
     def name(self) -> str:
+        """``model/backend/precision``; :func:`split_engine_name` takes it apart."""
         return f"{self.model.name}/{self.backend}/{self.policy.name}"
 
     def build(self) -> "Runner":

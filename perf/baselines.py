@@ -102,7 +102,7 @@ class BaselineSelectionError(ValueError):
 
 
 def run_record(path: Path) -> dict[str, Any] | None:
-    """The "fidelity_suite_run" block of a stored run: absent in runs saved before schema 2."""
+    """The "fidelity_suite_run" block of a stored run: None for runs saved before it existed."""
     try:
         return json.loads(path.read_text()).get(RUN_RECORD_KEY)
     except (OSError, ValueError):
@@ -159,7 +159,7 @@ def _major(version: str | None) -> str | None:
 
 
 def check_compatible(
-    baseline_facts: dict[str, Any], current: dict[str, Any], *, source: Path, backends: Iterable[str] = ()
+    baseline_facts: dict[str, Any], current: dict[str, Any], *, source: Path, backends: Iterable[str]
 ) -> None:
     """Refuse a baseline of another machine id, or of another major version of a runtime its ``backends`` ran on."""
     from engines.registry import BACKENDS
@@ -195,8 +195,10 @@ class Baseline:
     @property
     def backends(self) -> set[str]:
         """The backends whose results this run holds (from each result's model/backend/precision)."""
-        engines = (b.get("extra_info", {}).get("engine", "") for b in self.benchmarks.values())
-        return {parts[1] for parts in (e.split("/") for e in engines) if len(parts) == 3}
+        from engines.base import split_engine_name
+
+        engines = (b.get("extra_info", {}).get("engine") for b in self.benchmarks.values())
+        return {split_engine_name(engine)[1] for engine in engines if engine and engine.count("/") == 2}
 
     def samples(self, fullname: str) -> list[float] | None:
         entry = self.benchmarks.get(fullname)

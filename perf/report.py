@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from engines.base import split_engine_name
 from engines.models import get_spec
 from perf.roofline import GPU_PEAKS, GpuPeaks, forward_cost
 
@@ -74,7 +75,7 @@ def load_rows(data: dict[str, Any]) -> list[Row]:
         info = bench.get("extra_info") or {}
         if "engine" not in info:
             continue
-        model, backend, precision = info["engine"].split("/")
+        model, backend, precision = split_engine_name(info["engine"])
         rows.append(Row(info["engine"], model, backend, precision, (int(info["batch"]), int(info["sequence"])), info))
     return sorted(rows, key=lambda r: (r.model, r.backend, r.precision, r.shape))
 

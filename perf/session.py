@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from engines.base import Runner
+from engines.base import Runner, split_engine_name
 from perf.baselines import RUN_RECORD_SCHEMA_VERSION, Baseline
 from perf.stats import Comparison, compare_memory, compare_samples, median, percentile
 from perf.timing import (
@@ -203,7 +203,7 @@ class PerfSession:
             speed = f"{r.speedup_over_cpu:7.1f}x CPU" if r.speedup_over_cpu else "       -   "
             memory = f"{r.peak_device_bytes / 2**20:8.1f} MiB" if r.peak_device_bytes else "       -    "
             verdicts = ", ".join(c.verdict for c in r.comparisons) or r.note or "measured"
-            if r.comparisons and not self.gates(r.engine.split("/")[1]):
+            if r.comparisons and not self.gates(split_engine_name(r.engine)[1]):
                 verdicts += " (not gated)"
             first = f"first call {r.first_call_s:6.2f} s" if r.first_call_s is not None else ""
             lines.append(
