@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from engines.base import TokenBatch
+from engines.batch import TokenBatch
 from engines.models import LoadedModel, hub_offline, hub_reachable
 
 WIKITEXT_DATASET = ("wikitext", "wikitext-2-raw-v1")

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from engines.base import TokenBatch
-from engines.precision import POLICIES, UnknownPrecisionError
+from engines.batch import TokenBatch
+from engines.precision.policy import POLICIES, UnknownPrecisionError
 
 # The published pipeline's bar: hybrid precision keeps per-sample cosine
 # similarity >= 0.9998 against FP32 with zero NaN/Inf.

@@ -11,14 +11,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from engines.base import BackendUnavailableError, Runner
+from engines.backends.base import BackendUnavailableError, Runner
 from engines.cache import EngineCacheError
-from engines.onnx_export import ExportError
+from engines.graphs.export import ExportError
 from engines.env import DEVICE_CHOICES, DeviceUnavailableError
 from engines.models import WEIGHTS_MODES, ModelLoadError, UnknownModelError, parse_model_paths
-from engines.precision import UnknownPrecisionError
-from engines.registry import UnknownBackendError, get_backend
-from engines.torch_compile import COMPILE_MODES
+from engines.precision.policy import UnknownPrecisionError
+from engines.backends.registry import UnknownBackendError, get_backend
+from engines.backends.torch_compile import COMPILE_MODES
 from fidelity.session import DEFAULT_MODELS, EngineCase, FidelityOptions, FidelitySession, OptionError
 from fidelity.strategies import INPUT_PROFILES
 

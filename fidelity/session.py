@@ -15,13 +15,15 @@ from pathlib import Path
 
 import torch
 
-from engines.base import BackendUnavailableError, Runner, TokenBatch
+from engines.backends.base import BackendUnavailableError, Runner
+
+from engines.batch import TokenBatch
 from engines.cache import EngineCache
 from engines.env import configure_fp32_reference_math, environment_info, resolve_device
 from engines.models import LoadedModel, ModelLoader, get_spec
-from engines.precision import POLICIES, PrecisionPolicy, get_policy
-from engines.registry import default_backends, get_backend
-from engines.torch_eager import TorchReferenceRunner
+from engines.precision.policy import POLICIES, PrecisionPolicy, get_policy
+from engines.backends.registry import default_backends, get_backend
+from engines.backends.torch_eager import TorchReferenceRunner
 from fidelity.corpus import TextCorpus, load_corpus, packed_batch, padded_batch
 from fidelity.metrics import CompareContext, FidelityResult, compare_outputs, tolerance_for
 from fidelity.report import FidelityReport

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-from engines.base import TokenBatch
+from engines.batch import TokenBatch
 
 PATTERNS = (
     "uniform",  # ids drawn uniformly from the whole vocabulary

@@ -30,7 +30,7 @@ RUN_RECORD_SCHEMA_VERSION = 1
 # Facts that must match between a baseline and the candidate.  Runtimes are
 # checked by major version only (an upgrade within a major is exactly what the
 # gate is for), and only the runtimes the baseline's engines ran on
-# (engines.registry: BackendInfo.runtime): installing TensorRT does not void a
+# (engines.backends.registry: BackendInfo.runtime): installing TensorRT does not void a
 # baseline of PyTorch engines.
 CHECKED_FACTS = ("machine_id",)
 
@@ -162,7 +162,7 @@ def check_compatible(
     baseline_facts: dict[str, Any], current: dict[str, Any], *, source: Path, backends: Iterable[str]
 ) -> None:
     """Refuse a baseline of another machine id, or of another major version of a runtime its ``backends`` ran on."""
-    from engines.registry import BACKENDS
+    from engines.backends.registry import BACKENDS
 
     problems = []
     for key in CHECKED_FACTS:
@@ -195,7 +195,7 @@ class Baseline:
     @property
     def backends(self) -> set[str]:
         """The backends whose results this run holds (from each result's model/backend/precision)."""
-        from engines.base import split_engine_name
+        from engines.backends.base import split_engine_name
 
         engines = (b.get("extra_info", {}).get("engine") for b in self.benchmarks.values())
         return {split_engine_name(engine)[1] for engine in engines if engine and engine.count("/") == 2}

@@ -90,7 +90,7 @@ def _gate_backends(value: str | None, device: str) -> frozenset[str] | None:
     if value:
         return frozenset(v.strip() for v in value.split(",") if v.strip())
     if device.startswith("cuda"):
-        from engines.registry import BACKENDS
+        from engines.backends.registry import BACKENDS
 
         return frozenset(BACKENDS) - {"torch"}
     return None

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from engines.base import split_engine_name
+from engines.backends.base import split_engine_name
 from engines.models import get_spec
 from perf.roofline import GPU_PEAKS, GpuPeaks, forward_cost
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from engines.base import Runner, split_engine_name
+from engines.backends.base import Runner, split_engine_name
 from perf.baselines import RUN_RECORD_SCHEMA_VERSION, Baseline
 from perf.stats import Comparison, compare_memory, compare_samples, median, percentile
 from perf.timing import (
@@ -139,8 +139,8 @@ class PerfSession:
         """The same model's FP32 eager engine on the CPU, same shape, measured in this run."""
         if not self.cpu_baseline_enabled:
             return None
-        from engines.precision import REFERENCE_POLICY
-        from engines.torch_eager import TorchRunner
+        from engines.precision.policy import REFERENCE_POLICY
+        from engines.backends.torch_eager import TorchRunner
 
         key = (runner.model.name, *shape)
         if key not in self._cpu_medians:

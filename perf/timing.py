@@ -14,7 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from engines.base import Runner, TokenBatch
+from engines.backends.base import Runner
+
+from engines.batch import TokenBatch
 
 INPUT_COPIES = 4
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, find, settings
 
-from engines.precision import get_policy
-from engines.torch_eager import TorchReferenceRunner, TorchRunner
+from engines.precision.policy import get_policy
+from engines.backends.torch_eager import TorchReferenceRunner, TorchRunner
 from fidelity.corpus import packed_batch, python_docs_corpus
 from fidelity.metrics import CompareContext, compare_outputs, tolerance_for
 from fidelity.strategies import token_batches
@@ -76,7 +76,7 @@ def test_perturbed_weight_is_caught(minilm):
 def test_nan_engine_is_caught(tiny_bert, reference):
     engine = NanEngine(tiny_bert, get_policy("hybrid"), "cpu").build()
     ids = torch.tensor([[101, 2023, POISONED_TOKEN, 102], [101, 2023, 2003, 102]])
-    from engines.base import TokenBatch
+    from engines.batch import TokenBatch
 
     result = check(engine, reference, TokenBatch(ids, torch.ones_like(ids), source="poisoned"))
     assert not result
@@ -99,7 +99,7 @@ def test_hypothesis_shrinks_a_failure_to_a_minimal_replayable_input(tiny_bert, r
     )
     assert minimal.shape == (1, 1)
     assert minimal.input_ids.tolist() == [[POISONED_TOKEN]]
-    from engines.base import TokenBatch  # noqa: F401 - the replay string needs it in scope
+    from engines.backends.base import TokenBatch  # noqa: F401 - the replay string needs it in scope
 
     replayed = eval(minimal.replay())
     assert torch.equal(replayed.input_ids, minimal.input_ids)

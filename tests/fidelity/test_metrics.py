@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from engines.base import TokenBatch
-from engines.precision import POLICIES, UnknownPrecisionError
+from engines.batch import TokenBatch
+from engines.precision.policy import POLICIES, UnknownPrecisionError
 from fidelity.metrics import PUBLISHED_COSINE_MIN, TOLERANCES, CompareContext, compare_outputs, tolerance_for
 
 CTX = CompareContext("tiny-bert", "torch", "hybrid", "cpu", "unit", tokenizer="wordpiece", weights="random-init(seed=0)")

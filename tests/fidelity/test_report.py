@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from engines.base import TokenBatch
+from engines.batch import TokenBatch
 from fidelity.metrics import CompareContext, compare_outputs, tolerance_for
 from fidelity.report import REPORT_SCHEMA_VERSION, FidelityReport, render_markdown
 

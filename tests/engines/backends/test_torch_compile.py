@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from engines.audit import FUSED_ATTENTION, NATIVE, OpRecord, check_policy
-from engines.base import TokenBatch
-from engines.precision import POLICIES, get_policy
-from engines.torch_compile import (
+from engines.precision.audit import FUSED_ATTENTION, NATIVE, OpRecord, check_policy
+from engines.batch import TokenBatch
+from engines.precision.policy import POLICIES, get_policy
+from engines.backends.torch_compile import (
     TorchCompileRunner,
     bucket,
     bucket_shape,
@@ -14,8 +14,8 @@ from engines.torch_compile import (
     fused_attention_allowed,
     pad_unaligned_projections,
 )
-from engines.torch_eager import OutputForward, TorchRunner
-from engines.torch_precision import apply_policy
+from engines.backends.torch_eager import OutputForward, TorchRunner
+from engines.precision.torch_apply import apply_policy
 
 
 @pytest.mark.parametrize("value,expected", [(1, 1), (3, 4), (32, 32), (33, 64), (70, 96)])
@@ -162,11 +162,11 @@ import json, sys
 from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
-from engines.base import TokenBatch
+from engines.batch import TokenBatch
 from engines.cache import EngineCache
 from engines.models import ModelLoader
-from engines.precision import get_policy
-from engines.torch_compile import TorchCompileRunner
+from engines.precision.policy import get_policy
+from engines.backends.torch_compile import TorchCompileRunner
 model = ModelLoader(weights_mode="random", hub_probe=lambda: False).load("tiny-bert")
 runner = TorchCompileRunner(model, get_policy("hybrid"), "cpu", cache=EngineCache(Path(sys.argv[1]))).build()
 ids = torch.ones(2, 10, dtype=torch.int64)
@@ -200,7 +200,7 @@ def test_compiled_graphs_are_cached_under_the_engine_cache(tmp_path):
 
 
 def test_the_cudnn_bias_is_read_by_every_head_and_the_efficient_one_has_them_all():
-    from engines.torch_compile import _aligned_bias
+    from engines.backends.torch_compile import _aligned_bias
 
     mask = torch.ones(2, 1, 4, 300, dtype=torch.bool)
     mask[1, ..., 200:] = False

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from engines.audit import PrecisionMismatchError, check_policy
-from engines.base import BackendUnavailableError, InvalidInputError, TokenBatch
-from engines.precision import POLICIES, get_policy
-from engines.torch_eager import TorchReferenceRunner, TorchRunner, probe_batch
-from engines.torch_precision import apply_policy
+from engines.precision.audit import PrecisionMismatchError, check_policy
+from engines.backends.base import BackendUnavailableError
+from engines.batch import InvalidInputError, TokenBatch
+from engines.precision.policy import POLICIES, get_policy
+from engines.backends.torch_eager import TorchReferenceRunner, TorchRunner, probe_batch
+from engines.precision.torch_apply import apply_policy
 
 
 def batch_of(ids, mask=None):
@@ -77,7 +78,7 @@ def test_tf32_fails_the_fp32_audit(tiny_bert):
     reference = TorchReferenceRunner(tiny_bert, "cpu").build()
     audit = reference.audit
     assert audit
-    from engines.audit import DtypeAudit
+    from engines.precision.audit import DtypeAudit
 
     records = []
     probe = probe_batch(tiny_bert.vocab_size, tiny_bert.special_token_ids, tiny_bert.pad_token_id)
@@ -94,7 +95,7 @@ def test_reference_runs_only_fp32(tiny_bert):
 
 
 def test_cuda_graph_backend_needs_cuda(tiny_bert):
-    from engines.torch_cudagraph import TorchCudaGraphRunner
+    from engines.backends.torch_cudagraph import TorchCudaGraphRunner
 
     with pytest.raises(BackendUnavailableError, match="needs a CUDA device"):
         TorchCudaGraphRunner(tiny_bert, get_policy("hybrid"), "cpu")

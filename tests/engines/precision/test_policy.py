@@ -1,6 +1,6 @@
 import pytest
 
-from engines.precision import POLICIES, REFERENCE_POLICY, PrecisionPolicy, UnknownPrecisionError, get_policy, parse_policies
+from engines.precision.policy import POLICIES, REFERENCE_POLICY, PrecisionPolicy, UnknownPrecisionError, get_policy, parse_policies
 
 
 def test_every_policy_names_a_dtype_for_every_op_class():

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from engines.base import BackendUnavailableError
-from engines.onnx_export import check_batch
-from engines.onnxrt import CPU_NOTE, OnnxRuntimeRunner, providers_for
-from engines.precision import get_policy
-from engines.torch_eager import TorchReferenceRunner
+from engines.backends.base import BackendUnavailableError
+from engines.graphs.export import check_batch
+from engines.backends.onnxrt import CPU_NOTE, OnnxRuntimeRunner, providers_for
+from engines.precision.policy import get_policy
+from engines.backends.torch_eager import TorchReferenceRunner
 
 
 def test_hybrid_graph_runs_in_onnxruntime_and_matches(tiny_gpt2, engine_cache):

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from engines.base import BackendUnavailableError, InvalidInputError
-from engines.precision import get_policy
-from engines.trt import INSTALL_HINT, ShapeProfile, check_engine_types, import_tensorrt, inspector_datatypes
+from engines.backends.base import BackendUnavailableError
+
+from engines.batch import InvalidInputError
+from engines.precision.policy import get_policy
+from engines.backends.trt import INSTALL_HINT, ShapeProfile, check_engine_types, import_tensorrt, inspector_datatypes
 
 
 def layer(fmt_in: str, fmt_out: str) -> dict:
@@ -46,9 +48,9 @@ def test_tensorrt_engine_builds_caches_and_is_faithful(tiny_bert, tmp_path, prec
     except BackendUnavailableError as exc:
         pytest.skip(str(exc))
     from engines.cache import EngineCache
-    from engines.onnx_export import check_batch
-    from engines.torch_eager import TorchReferenceRunner
-    from engines.trt import TensorRTRunner
+    from engines.graphs.export import check_batch
+    from engines.backends.torch_eager import TorchReferenceRunner
+    from engines.backends.trt import TensorRTRunner
 
     cache = EngineCache(tmp_path)
     runner = TensorRTRunner(tiny_bert, get_policy(precision), "cuda", cache=cache).build()

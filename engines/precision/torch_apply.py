@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engines.audit import note_reduction
-from engines.precision import PrecisionPolicy
+from engines.precision.audit import note_reduction
+from engines.precision.policy import PrecisionPolicy
 
 ATTENTION_NAME = "fidelity_policy"
 

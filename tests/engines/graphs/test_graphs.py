@@ -6,13 +6,13 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.base import TokenBatch
-from engines.onnx_export import ExportError, check_batch, load_graph, verify_export
-from engines.onnx_graphs import fp32_graph, precision_graph, verified_audit
-from engines.onnx_precision import GraphPolicyError, UnsupportedOpError, check_graph_policy, convert_graph
-from engines.onnx_torch import OnnxTorchProgram, OnnxTorchRunner, UnsupportedGraphError
-from engines.precision import POLICIES, get_policy
-from engines.torch_eager import TorchReferenceRunner
+from engines.batch import TokenBatch
+from engines.graphs.export import ExportError, check_batch, load_graph, verify_export
+from engines.graphs.precision_graph import fp32_graph, precision_graph, verified_audit
+from engines.precision.onnx_convert import GraphPolicyError, UnsupportedOpError, check_graph_policy, convert_graph
+from engines.backends.onnx_torch import OnnxTorchProgram, OnnxTorchRunner, UnsupportedGraphError
+from engines.precision.policy import POLICIES, get_policy
+from engines.backends.torch_eager import TorchReferenceRunner
 
 
 @pytest.fixture(scope="module", params=["tiny-bert", "tiny-gpt2"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from engines.base import BackendUnavailableError, Runner
+from engines.backends.base import BackendUnavailableError, Runner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,34 +34,34 @@ class BackendInfo:
 BACKENDS: dict[str, BackendInfo] = {
     b.name: b
     for b in (
-        BackendInfo("torch", "engines.torch_eager:TorchRunner", ("cpu", "cuda"), "PyTorch eager"),
+        BackendInfo("torch", "engines.backends.torch_eager:TorchRunner", ("cpu", "cuda"), "PyTorch eager"),
         BackendInfo(
             "torch-cudagraph",
-            "engines.torch_cudagraph:TorchCudaGraphRunner",
+            "engines.backends.torch_cudagraph:TorchCudaGraphRunner",
             ("cuda",),
             "PyTorch with one CUDA graph per input shape",
         ),
         BackendInfo(
             "torch-compile",
-            "engines.torch_compile:TorchCompileRunner",
+            "engines.backends.torch_compile:TorchCompileRunner",
             ("cpu", "cuda"),
             "torch.compile (Inductor), static shape buckets, CUDA graph per bucket, fused attention for hybrid",
         ),
         BackendInfo(
             "onnxrt",
-            "engines.onnxrt:OnnxRuntimeRunner",
+            "engines.backends.onnxrt:OnnxRuntimeRunner",
             ("cpu", "cuda"),
             "ONNX Runtime on the precision graph",
             runtime="onnxruntime",
         ),
         BackendInfo(
             "onnx-torch",
-            "engines.onnx_torch:OnnxTorchRunner",
+            "engines.backends.onnx_torch:OnnxTorchRunner",
             ("cpu", "cuda"),
             "the precision graph interpreted with torch ops (real FP16/BF16 arithmetic on CUDA)",
         ),
         BackendInfo(
-            "trt", "engines.trt:TensorRTRunner", ("cuda",), "TensorRT >= 10, strongly typed network", runtime="tensorrt"
+            "trt", "engines.backends.trt:TensorRTRunner", ("cuda",), "TensorRT >= 10, strongly typed network", runtime="tensorrt"
         ),
     )
 }

@@ -31,7 +31,7 @@ import dataclasses
 
 import numpy as np
 
-from engines.precision import PrecisionPolicy
+from engines.precision.policy import PrecisionPolicy
 
 # Bumped whenever converted graphs change, so cached ones are rebuilt.
 #   2: BF16 constants clamped to BF16's finite range (v1 turned the mask fill into -inf).

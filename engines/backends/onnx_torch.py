@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from engines.base import Runner, TokenBatch
+from engines.backends.base import Runner
+
+from engines.batch import TokenBatch
 
 _ONNX_DTYPES = {
     1: torch.float32,
@@ -331,8 +333,8 @@ class OnnxTorchRunner(Runner):
         self.graph = None
 
     def _build(self) -> None:
-        from engines.onnx_export import load_graph
-        from engines.onnx_graphs import precision_graph, verified_audit
+        from engines.graphs.export import load_graph
+        from engines.graphs.precision_graph import precision_graph, verified_audit
 
         self.graph = precision_graph(self.model, self.policy, self.cache)
         self.audit = verified_audit(self.graph, self.policy, engine=self.name)

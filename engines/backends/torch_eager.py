@@ -8,11 +8,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from engines.audit import DtypeAudit, check_policy, raise_on_mismatch
-from engines.base import Runner, TokenBatch
+from engines.precision.audit import DtypeAudit, check_policy, raise_on_mismatch
+from engines.backends.base import Runner
+from engines.batch import TokenBatch
 from engines.env import tf32_enabled
-from engines.precision import REFERENCE_POLICY
-from engines.torch_precision import apply_policy
+from engines.precision.policy import REFERENCE_POLICY
+from engines.precision.torch_apply import apply_policy
 
 
 class OutputForward(nn.Module):

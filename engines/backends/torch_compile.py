@@ -1,9 +1,9 @@
 """``torch.compile`` (Inductor) engine: fused kernels, one CUDA graph per shape bucket.
 
-The policy engine of :mod:`engines.torch_eager`, compiled by Inductor so that the
+The policy engine of :mod:`engines.backends.torch_eager`, compiled by Inductor so that the
 casts a policy puts around every GEMM, the bias/GELU/residual/LayerNorm chains
 and the masked softmax become a few fused kernels, then captured as a CUDA graph
-per input shape (as :mod:`engines.torch_cudagraph` does for the eager code).
+per input shape (as :mod:`engines.backends.torch_cudagraph` does for the eager code).
 
 Shapes are static: an input is padded up to the next (batch, sequence) bucket
 (the sweep's batch {1,2,4,8,16,32} and sequence {32,...,512} values), so a
@@ -24,7 +24,7 @@ holds inside the kernel and the ``[batch, heads, seq, seq]`` scores never reach
 memory.  The kernels are named explicitly (not ``scaled_dot_product_attention``,
 whose dispatcher may fall back to the math path and run softmax in FP16).  Every
 other policy, and the CPU, keeps the explicit
-:func:`engines.torch_precision.policy_attention`, which Inductor fuses but which
+:func:`engines.precision.torch_apply.policy_attention`, which Inductor fuses but which
 materializes the scores.
 
 Compilation is cached on disk by Inductor itself (FX graph and autotuning
@@ -43,12 +43,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engines.audit import FUSED_ATTENTION, note_reduction
-from engines.base import TokenBatch
-from engines.precision import FLOAT32, PrecisionPolicy
-from engines.torch_cudagraph import CapturedGraphs
-from engines.torch_eager import TorchRunner
-from engines.torch_precision import PolicyLinear, _additive_mask, _policy_mask, apply_policy, torch_dtype
+from engines.precision.audit import FUSED_ATTENTION, note_reduction
+from engines.batch import TokenBatch
+from engines.precision.policy import FLOAT32, PrecisionPolicy
+from engines.backends.torch_cudagraph import CapturedGraphs
+from engines.backends.torch_eager import TorchRunner
+from engines.precision.torch_apply import PolicyLinear, _additive_mask, _policy_mask, apply_policy, torch_dtype
 
 FUSED_ATTENTION_NAME = "fidelity_policy_fused"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from engines.cache import CacheEntry, EngineCache
 from engines.models import LoadedModel
-from engines.onnx_export import GRAPH_FILE, export_fp32, export_key, load_graph
-from engines.onnx_precision import CONVERTER_VERSION, check_graph_policy, convert_graph
-from engines.precision import PrecisionPolicy
+from engines.graphs.export import GRAPH_FILE, export_fp32, export_key, load_graph
+from engines.precision.onnx_convert import CONVERTER_VERSION, check_graph_policy, convert_graph
+from engines.precision.policy import PrecisionPolicy
 
 log = logging.getLogger("fidelity.onnx")
 DTYPES_FILE = "dtypes.json"
@@ -84,7 +84,7 @@ def verified_audit(graph: PrecisionGraph, policy: PrecisionPolicy, *, engine: st
     """Re-read a (possibly cached) precision graph and prove its dtypes again; the engine's audit."""
     import onnx
 
-    from engines.audit import PrecisionAudit
+    from engines.precision.audit import PrecisionAudit
 
     structure = onnx.load(str(graph.path), load_external_data=False)
     dtypes = check_graph_policy(structure, policy)

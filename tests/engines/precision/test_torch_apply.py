@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from engines.precision import get_policy
-from engines.torch_precision import PolicyLinear, apply_policy, low_precision_sum, strict_layer_norm, strict_softmax
+from engines.precision.policy import get_policy
+from engines.precision.torch_apply import PolicyLinear, apply_policy, low_precision_sum, strict_layer_norm, strict_softmax
 
 
 def test_low_precision_sum_rounds_every_partial_sum():

@@ -16,7 +16,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from engines.base import BackendUnavailableError, Runner, TokenBatch
+from engines.backends.base import BackendUnavailableError, Runner
+
+from engines.batch import TokenBatch
 
 INSTALL_HINT = "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA/TensorRT providers)"
 CPU_NOTE = "CPU provider: FP16/BF16 ops without CPU kernels run in FP32 after inserted Casts"
@@ -58,7 +60,7 @@ class OnnxRuntimeRunner(Runner):
         self.session = None
 
     def _build(self) -> None:
-        from engines.onnx_graphs import precision_graph, verified_audit
+        from engines.graphs.precision_graph import precision_graph, verified_audit
 
         ort = _onnxruntime()
         self.graph = precision_graph(self.model, self.policy, self.cache)

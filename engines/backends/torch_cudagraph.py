@@ -13,8 +13,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from engines.base import BackendUnavailableError, TokenBatch
-from engines.torch_eager import TorchRunner
+from engines.backends.base import BackendUnavailableError
+
+from engines.batch import TokenBatch
+from engines.backends.torch_eager import TorchRunner
 
 WARMUP_RUNS = 2
 

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-from engines.precision import PrecisionPolicy
+from engines.precision.policy import PrecisionPolicy
 
-# torch function name -> op class of engines.precision
+# torch function name -> op class of engines.precision.policy
 _FUNCTION_CLASSES = {
     "linear": "matmul",
     "matmul": "matmul",

@@ -28,8 +28,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from engines.audit import PrecisionAudit, PrecisionMismatchError
-from engines.base import BackendUnavailableError, InvalidInputError, Runner, TokenBatch
+from engines.precision.audit import PrecisionAudit, PrecisionMismatchError
+from engines.backends.base import BackendUnavailableError, Runner
+from engines.batch import InvalidInputError, TokenBatch
 
 REQUIRES = "tensorrt>=10"
 INSTALL_HINT = (
@@ -244,7 +245,7 @@ class TensorRTRunner(Runner):
         log.write(folder / BUILD_LOG_FILE)
 
     def _build(self) -> None:
-        from engines.onnx_graphs import precision_graph, verified_audit
+        from engines.graphs.precision_graph import precision_graph, verified_audit
 
         trt = self.trt
         graph = precision_graph(self.model, self.policy, self.cache)
