@@ -16,7 +16,11 @@ Layout under the cache root (default: the user's cache dir, ``--engine-cache DIR
   so readers never see half an entry; a truncated or corrupt entry (a size or
   checksum that does not match its manifest) is removed and rebuilt, with a warning.
 * Concurrent processes (pytest-xdist workers) asking for the same key wait on its
-  file lock: one builds, the others then load.
+  file lock: one builds, the others then load.  A whole entry is read without the
+  lock (entries only ever appear by an atomic rename), so a warm cache on a
+  read-only file system (a shared, pre-built cache) is used as it is; only a
+  missing or damaged entry needs a writable cache, and in a read-only one it is an
+  error naming ``--engine-cache``.
 * Deserializing an engine is trusting it.  Entries are only ever loaded from a
   cache folder this suite wrote (its manifest says so), never from elsewhere.
 """
@@ -28,7 +32,6 @@ import dataclasses
 import errno
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -38,7 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("fidelity.cache")
+from engines.files import atomic_write_json
 
 CACHE_SCHEMA_VERSION = 1
 WRITER = "transformer-fidelity-suite"
@@ -51,6 +54,10 @@ class EngineCacheError(RuntimeError):
 
 class ForeignEntryError(EngineCacheError):
     """An entry whose recorded fields (GPU, versions) differ from the ones asked for."""
+
+
+class ReadOnlyCacheError(EngineCacheError):
+    """The cache cannot be written and lacks (a whole copy of) the entry asked for."""
 
 
 def default_cache_root() -> Path:
@@ -104,6 +111,17 @@ class EngineCache:
         self.rebuild = rebuild
         self.events: list[CacheEvent] = []
         self._rebuilt_this_session: set[str] = set()
+
+    def writable(self) -> bool:
+        """Whether entries can be added: the root (or the folder it would be created in) takes a new file."""
+        folder = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+        if folder is None or not folder.is_dir():
+            return False
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe."):
+                return True
+        except OSError:  # EROFS, EACCES: a read-only mount or folder
+            return False
 
     # -- paths and locks ---------------------------------------------------------------
     def entry_path(self, key: str) -> Path:
@@ -164,6 +182,27 @@ class EngineCache:
         key = cache_key(fields)
         kind = str(fields.get("artifact", "entry"))
         started = time.perf_counter()
+        force = self.rebuild and key not in self._rebuilt_this_session
+        if not force:
+            # A whole entry needs no lock: entries appear only by an atomic rename.
+            try:
+                entry = self._read_valid(key, fields)
+            except ForeignEntryError as exc:
+                # Never load it; never silently replace what another stack built either.
+                raise ForeignEntryError(
+                    f"{exc}. It is not loaded. Remove {self.entry_path(key)} or use another --engine-cache."
+                ) from None
+            except ValueError:
+                entry = None  # damaged: rebuilt below, under the lock
+            if entry is not None:
+                self.events.append(CacheEvent(key, kind, "hit", time.perf_counter() - started))
+                return entry
+        if not self.writable():
+            raise ReadOnlyCacheError(
+                f"the engine cache {self.root} is read-only and has no usable entry for {description or kind} "
+                f"(key {key}); point --engine-cache at a writable folder, or build the entry there first "
+                "with a run that can write it"
+            )
         with self.lock(key):
             outcome = "built"
             note = ""
@@ -210,7 +249,7 @@ class EngineCache:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "files": files,
             }
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            atomic_write_json(staging / "manifest.json", manifest)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -236,9 +275,7 @@ class EngineCache:
             except (OSError, ValueError):
                 index = {"schema": CACHE_SCHEMA_VERSION, "entries": {}}
             index["entries"][key] = {"description": description, "fields": fields}
-            tmp = index_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
-            os.replace(tmp, index_path)
+            atomic_write_json(index_path, index, sort_keys=True)
 
     def summary(self) -> str:
         tally: dict[str, int] = {}

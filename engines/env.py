@@ -50,32 +50,6 @@ def resolve_device(choice: str) -> str:
     raise DeviceUnavailableError(f"--device must be one of {DEVICE_CHOICES} or cuda:N, got {choice!r}")
 
 
-def configure_fp32_reference_math() -> None:
-    """IEEE FP32 matmuls and convolutions (no TF32), deterministic kernels where torch has them.
-
-    Called once per session before any engine is built: the settings are
-    process-wide in torch, and the FP32 reference must not depend on build order.
-    """
-    import torch
-
-    # Must be set before the first cuBLAS handle exists for deterministic GEMMs.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def tf32_enabled() -> bool:
-    import torch
-
-    return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32) or (
-        torch.get_float32_matmul_precision() != "highest"
-    )
-
-
 def _nvidia_smi(query: str) -> str | None:
     try:
         out = subprocess.run(

@@ -14,6 +14,7 @@ Weights load from safetensors only (``use_safetensors=True``) and never with
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -23,6 +24,9 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
 
 from engines.env import env_flag
 
@@ -190,6 +194,11 @@ class LoadedModel:
         return self.spec.max_positions
 
     @property
+    def output_width(self) -> int:
+        """Features of the compared output: the vocabulary for GPT-2's logits, the hidden size for BERT."""
+        return self.vocab_size if self.spec.family == "gpt2" else int(self.module.config.hidden_size)
+
+    @property
     def is_random_init(self) -> bool:
         return self.weights_source.startswith("random-init")
 
@@ -259,14 +268,51 @@ def validate_model_dir(path: Path, spec: ModelSpec) -> None:
             f"{spec.name}: {path} has a config.json but no *.safetensors weights. "
             "Save the model with save_pretrained() (safetensors is the default) into this folder."
         )
+    for file in safetensors:
+        check_safetensors(file, spec)
     import json
 
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{spec.name}: {path}/config.json does not parse ({exc}); restore it from the checkpoint") from None
     model_type = config.get("model_type")
     if model_type != spec.family:
         raise ModelLoadError(
             f"{spec.name}: {path}/config.json has model_type {model_type!r}, but {spec.name} is a "
             f"{spec.family} model. Point --model-path {spec.name}=DIR at a {spec.family} checkpoint."
+        )
+
+
+def check_safetensors(path: Path, spec: ModelSpec) -> None:
+    """Refuse a safetensors file whose header does not parse or whose tensors run past its end (a truncated copy).
+
+    Reads the 8-byte header length and the JSON header only (safetensors' layout), so
+    a multi-GB checkpoint is checked in milliseconds at start-up, before any engine is built.
+    """
+    import json
+    import struct
+
+    size = path.stat().st_size
+    fix = f"copy {path.name} again from its source (or re-save the model with save_pretrained())"
+    try:
+        with open(path, "rb") as handle:
+            (header_length,) = struct.unpack("<Q", handle.read(8))
+            if 0 < header_length <= 100_000_000 and header_length > size - 8:
+                raise ModelLoadError(
+                    f"{spec.name}: {path} is truncated: its header alone claims {header_length} bytes but the file "
+                    f"has {size}; {fix}"
+                )
+            header = json.loads(handle.read(header_length))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+        raise ModelLoadError(f"{spec.name}: {path} is not a readable safetensors file ({exc}); {fix}") from None
+    if 8 + header_length + end > size:
+        raise ModelLoadError(
+            f"{spec.name}: {path} is truncated: its tensors end at byte {8 + header_length + end} but the file has "
+            f"{size} bytes; {fix}"
         )
 
 
@@ -465,13 +511,41 @@ def _finish(spec: ModelSpec, module, weights_source: str, tokenizer, tokenizer_s
     )
 
 
-def parse_model_paths(items: list[str]) -> dict[str, Path]:
-    """Parse repeated ``--model-path NAME=DIR`` values."""
-    paths: dict[str, Path] = {}
-    for item in items:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            raise ValueError(f"--model-path expects NAME=DIR, got {item!r}")
-        get_spec(name)
-        paths[name] = Path(folder)
-    return paths
+# --- the compared forward -----------------------------------------------------
+
+
+class OutputForward(nn.Module):
+    """``(input_ids, attention_mask) -> tensor``: the one output a model is compared on.
+
+    BERT-family models give ``last_hidden_state``, GPT-2 gives ``logits`` (no KV
+    cache).  The ONNX export wraps the same module, so every backend sees the
+    same graph.
+    """
+
+    # The attribute that holds the transformers model: module paths inside an engine
+    # (and the ONNX export's name scopes) carry it as a prefix.
+    MODEL_ATTRIBUTE = "model"
+
+    def __init__(self, model: nn.Module, output_name: str, causal: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.output_name = output_name
+        self.causal = causal
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "return_dict": True}
+        if self.causal:
+            kwargs["use_cache"] = False
+        return getattr(self.model(**kwargs), self.output_name)
+
+
+def unmodified_copy(model: nn.Module) -> nn.Module:
+    """A copy of the FP32 transformers model with its own eager attention: the reference's code."""
+    module = copy.deepcopy(model)
+    module.set_attn_implementation("eager")
+    return module.eval()
+
+
+def reference_forward(model: "LoadedModel") -> OutputForward:
+    """The FP32 reference as ``(input_ids, attention_mask) -> output``; what the ONNX export wraps too."""
+    return OutputForward(unmodified_copy(model.module), model.spec.output_name, model.spec.causal).eval()

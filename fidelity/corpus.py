@@ -56,13 +56,30 @@ def _is_heading(line: str) -> bool:
 
 
 def _read_lines(path: Path) -> list[str]:
+    """The text lines of one local file; any file that is not what its suffix says is a CorpusError naming it."""
+    try:
+        return _read_lines_unchecked(path)
+    except CorpusError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CorpusError(
+            f"--wikitext-path {path} cannot be read as {path.suffix.lstrip('.') or 'raw text'} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); point it at WikiText-2's "
+            "test split: test-*.parquet (a 'text' column), JSON lines of {\"text\": ...}, or wiki.test.raw"
+        ) from None
+
+
+def _read_lines_unchecked(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:
             raise CorpusError(f"reading {path} needs pyarrow: pip install pyarrow") from exc
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid and friends for a bad file
+            raise ValueError(str(exc)) from None
         if "text" not in table.column_names:
             raise CorpusError(f"{path} has columns {table.column_names}; WikiText's layout has a 'text' column")
         return [str(t) for t in table.column("text").to_pylist()]

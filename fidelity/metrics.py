@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from engines.batch import TokenBatch
-from engines.precision.policy import POLICIES, UnknownPrecisionError
+from engines.precision.policy import POLICIES, PrecisionPolicy, UnknownPrecisionError
 
 # The published pipeline's bar: hybrid precision keeps per-sample cosine
 # similarity >= 0.9998 against FP32 with zero NaN/Inf.
@@ -52,12 +52,25 @@ TOLERANCES: dict[str, Tolerance] = {
 }
 
 
-def tolerance_for(precision: str, cosine_min: float | None = None) -> Tolerance:
-    if precision not in POLICIES:
-        raise UnknownPrecisionError(f"unknown precision {precision!r}; known: {', '.join(POLICIES)}")
-    if precision not in TOLERANCES:
-        raise KeyError(f"no tolerance for precision {precision!r}: add it to fidelity.metrics.TOLERANCES")
-    base = TOLERANCES[precision]
+def tolerance_for(policy: PrecisionPolicy | str, cosine_min: float | None = None) -> Tolerance:
+    """The bar for a precision: ``--cosine-min`` if given, else a policy file's own, else the table's.
+
+    A policy file without a bar of its own is held to the bar of its lowest dtype
+    (any BF16: the BF16 bar; any FP16: the published bar; all FP32: the FP32 bar).
+    """
+    if isinstance(policy, str):
+        if policy not in POLICIES:
+            raise UnknownPrecisionError(f"unknown precision {policy!r}; known: {', '.join(POLICIES)}")
+        policy = POLICIES[policy]
+    if policy.name in TOLERANCES:
+        base = TOLERANCES[policy.name]
+    elif policy.source == "built-in":
+        raise KeyError(f"no tolerance for precision {policy.name!r}: add it to fidelity.metrics.TOLERANCES")
+    else:
+        lowest = "bf16" if "bfloat16" in policy.dtypes else ("hybrid" if "float16" in policy.dtypes else "fp32")
+        base = dataclasses.replace(TOLERANCES[lowest], source=f"policy file: the {lowest} bar (its lowest dtype)")
+        if policy.cosine_min is not None:
+            base = dataclasses.replace(base, cosine_min=policy.cosine_min, source=f"policy file {policy.source}")
     if cosine_min is None:
         return base
     return dataclasses.replace(base, cosine_min=cosine_min, source=f"--cosine-min {cosine_min}")
@@ -134,11 +147,6 @@ class FidelityResult:
 
     def __bool__(self) -> bool:
         return self.passed
-
-    @property
-    def min_passing_cosine(self) -> float:
-        """The strictest cosine bar this result would still meet."""
-        return self.min_cosine
 
     # -- messages ------------------------------------------------------------------
     def failure_message(self) -> str:

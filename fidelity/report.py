@@ -2,7 +2,8 @@
 
 The same rows feed the terminal table and the JSON report.  The JSON is
 rewritten atomically as results arrive, so an interrupted run keeps everything
-measured up to that point.
+measured up to that point; a run stopped by Ctrl-C says so (``interrupted``), and
+the rows the test in progress was adding to carry the verdict ``PARTIAL``.
 """
 
 from __future__ import annotations
@@ -11,20 +12,23 @@ import dataclasses
 import datetime
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from engines.files import atomic_write_json, atomic_write_text
+from engines.tables import render_table
 from fidelity.metrics import FidelityResult
 
 # Version history of the JSON report:
 #   1: first version (rows, environment, options, notes, audits).
 #   2: rows carry the backend's runtime; "engines" (backend, runtime, provider,
 #      graph dtypes, build seconds) and "engine_cache" (hits, builds) sections.
-REPORT_SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+#   3: "interrupted"; rows carry "partial"; each "engines" entry carries its policy
+#      (file and sha256 for policy files) and its audit (the "audits" section is gone);
+#      "environment.numerics" (the numerics the engines ran under); "options.numerics".
+REPORT_SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 WRITE_INTERVAL_S = 2.0
 
 
@@ -57,6 +61,7 @@ class ResultRow:
     max_rel_err: float = 0.0
     shapes: list[list[int]] = dataclasses.field(default_factory=list)
     worst_failure: str | None = None
+    partial: bool = False  # the run was interrupted while a test was adding to this row
 
     def add(self, result: FidelityResult) -> None:
         self.batches += 1
@@ -95,6 +100,8 @@ class ResultRow:
 
     @property
     def verdict(self) -> str:
+        if self.partial:
+            return "PARTIAL (interrupted)"
         if self.reference_failures:
             return "REF-ERROR"
         if self.gated:
@@ -129,29 +136,34 @@ def _short(text: str, width: int) -> str:
 
 
 class FidelityReport:
-    def __init__(self, *, command: str, environment: dict[str, Any], options: dict[str, Any], path: Path | None) -> None:
+    def __init__(
+        self,
+        *,
+        command: str,
+        environment: dict[str, Any],
+        options: dict[str, Any],
+        path: Path | None,
+        engines: dict[str, Any] | None = None,
+        skipped: dict[str, str] | None = None,
+    ) -> None:
         self.command = command
         self.environment = environment
         self.options = options
         self.path = path
         self.rows: dict[tuple[str, ...], ResultRow] = {}
         self.notes: list[str] = []
-        self.audits: dict[str, Any] = {}
-        self.skipped: dict[str, str] = {}
-        self.engines: dict[str, Any] = {}
+        # Shared with the engine factory: what was built (with its audit) and what was skipped.
+        self.engines = engines if engines is not None else {}
+        self.skipped = skipped if skipped is not None else {}
         self.cache: dict[str, Any] = {}
+        self.interrupted = False
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self._last_write = 0.0
+        self._open: set[tuple[str, ...]] = set()  # rows the test in progress has added to
 
     def add_note(self, note: str) -> None:
         if note not in self.notes:
             self.notes.append(note)
-
-    def add_audit(self, engine: str, audit: dict[str, Any] | None) -> None:
-        self.audits[engine] = audit
-
-    def add_engine(self, engine: str, description: dict[str, Any]) -> None:
-        self.engines[engine] = description
 
     def set_cache_events(self, cache) -> None:
         self.cache = {
@@ -160,9 +172,19 @@ class FidelityReport:
             "events": [dataclasses.asdict(e) for e in cache.events],
         }
 
-    def add_skip(self, engine: str, reason: str) -> None:
-        self.skipped[engine] = reason
-        self.write(throttle=True)
+    # -- progress of the test items ----------------------------------------------------
+    def begin_item(self) -> None:
+        self._open.clear()
+
+    def end_item(self) -> None:
+        self._open.clear()
+
+    def mark_interrupted(self) -> None:
+        """Ctrl-C: the rows of the unfinished test are partial; the report says it was interrupted."""
+        self.interrupted = True
+        for key in self._open:
+            self.rows[key].partial = True
+        self.write()
 
     def record(self, result: FidelityResult, *, input_kind: str, gated: bool) -> None:
         ctx = result.context
@@ -182,6 +204,7 @@ class FidelityReport:
                 gated=gated,
                 cosine_bar=result.tolerance.cosine_min,
             )
+        self._open.add(key)
         row.add(result)
         self.write(throttle=True)
 
@@ -191,6 +214,7 @@ class FidelityReport:
             "schema_version": REPORT_SCHEMA_VERSION,
             "started": self.started.isoformat(timespec="seconds"),
             "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "interrupted": self.interrupted,
             "command": self.command,
             "environment": self.environment,
             "options": self.options,
@@ -199,7 +223,6 @@ class FidelityReport:
             "skipped": self.skipped,
             "engines": self.engines,
             "engine_cache": self.cache,
-            "audits": self.audits,
         }
 
     def write(self, *, throttle: bool = False) -> None:
@@ -209,17 +232,8 @@ class FidelityReport:
         if throttle and now - self._last_write < WRITE_INTERVAL_S:
             return
         self._last_write = now
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Write-then-rename: a crash mid-write leaves the previous report intact.
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(_json_safe(self.as_dict()), handle, indent=2, allow_nan=False, default=str)
-                handle.write("\n")
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        data = json.loads(json.dumps(_json_safe(self.as_dict()), default=str))
+        atomic_write_json(self.path, data, allow_nan=False)
 
     def table(self) -> str:
         if not self.rows:
@@ -238,29 +252,18 @@ class FidelityReport:
                 nonfinite += f" ({100 * row.nonfinite_rate:.0f}% samples)"
             lines.append(
                 (
-                    row.model,
-                    row.backend,
-                    row.precision,
-                    row.device,
-                    _short(row.input_source, 40),
-                    weights,
-                    str(row.samples),
-                    min_cos,
-                    mean_cos,
-                    f"{row.max_abs_err:.2e}",
-                    nonfinite,
-                    row.verdict,
+                    row.model, row.backend, row.precision, row.device, _short(row.input_source, 40), weights,
+                    str(row.samples), min_cos, mean_cos, f"{row.max_abs_err:.2e}", nonfinite, row.verdict,
                 )
             )
-        widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        out = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
-        out.extend(fmt.format(*line) for line in lines)
+        out = [render_table(headers, lines)]
         tokenizers = sorted({f"{r.model}: {r.tokenizer}" for r in self.rows.values()})
         out.append("")
         out.append("tokenizers: " + "; ".join(tokenizers))
         out.extend(f"note: {n}" for n in self.notes)
         out.extend(f"skipped {engine}: {reason}" for engine, reason in self.skipped.items())
+        if self.interrupted:
+            out.append("INTERRUPTED: the run was stopped; rows marked PARTIAL hold what was measured before it")
         return "\n".join(out)
 
 
@@ -307,7 +310,7 @@ def _engine_summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["max_abs_err"] = max(entry["max_abs_err"], _as_float(row["max_abs_err"]))
         entry["verdicts"].add(row["verdict"])
     for entry in engines.values():
-        order = ("REF-ERROR", "FAIL", "measured (below bar)", "PASS", "measured")
+        order = ("REF-ERROR", "FAIL", "PARTIAL (interrupted)", "measured (below bar)", "PASS", "measured")
         entry["verdict"] = next(v for v in order if v in entry["verdicts"])
     return list(engines.values())
 
@@ -317,40 +320,68 @@ def render_markdown(data: dict[str, Any]) -> str:
     hardware = env.get("gpu_name") or env.get("cpu") or "cpu"
     if env.get("compute_capability"):
         hardware += f" (sm {env['compute_capability']}, driver {env.get('driver')}, CUDA {env.get('cuda_runtime')})"
+    numerics = env.get("numerics", {}).get("name", "deterministic (recorded before numerics were recorded)")
     lines = [
         f"# Fidelity report ({data['options']['profile']} profile)",
         "",
         f"- command: `{data['command']}`",
         f"- hardware: {hardware}",
         f"- software: torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}",
-        f"- run: {data['started']} to {data['written']} (UTC), report schema {data['schema_version']}",
+        f"- numerics of the engines under test: {numerics}; the FP32 reference: deterministic kernels, TF32 off",
+        f"- run: {data['started']} to {data['written']} (UTC), report schema {data['schema_version']}"
+        + (" **(interrupted: rows marked PARTIAL are incomplete)**" if data.get("interrupted") else ""),
         f"- gated precisions: {', '.join(data['options']['gate_precisions'])}",
         "",
         "One line per engine; cosine is per sample against the FP32 reference (TF32 off), over valid positions.",
         "",
-        "| model | backend | runtime | precision | weights | samples (hyp/text) | min cos hypothesis | min cos text | max abs err | NaN/Inf | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cos(value: float | None) -> str:
         return "-" if value is None else f"{value:.7f}"
 
+    headers = (
+        "model", "backend", "runtime", "precision", "weights", "samples (hyp/text)", "min cos hypothesis",
+        "min cos text", "max abs err", "NaN/Inf", "verdict",
+    )
+    rows = []
     for e in _engine_summaries(data["rows"]):
         weights = "random-init" if e["weights"].startswith("random-init") else e["weights"]
-        lines.append(
-            f"| {e['model']} | {e['backend']} | {e['runtime']} | {e['precision']} | {weights} | "
-            f"{e['samples']['hypothesis']}/{e['samples']['natural-text']} | {cos(e['min_cosine']['hypothesis'])} | "
-            f"{cos(e['min_cosine']['natural-text'])} | {e['max_abs_err']:.2e} | {e['nan']}/{e['inf']} | {e['verdict']} |"
-        )
+        rows.append((
+            e["model"], e["backend"], e["runtime"], e["precision"], weights,
+            f"{e['samples']['hypothesis']}/{e['samples']['natural-text']}", cos(e["min_cosine"]["hypothesis"]),
+            cos(e["min_cosine"]["natural-text"]), f"{e['max_abs_err']:.2e}", f"{e['nan']}/{e['inf']}", e["verdict"],
+        ))
+    lines.append(render_table(headers, rows, markdown=True))
     sources = sorted({r["input_source"] for r in data["rows"]})
     tokenizers = sorted({f"{r['model']}: {r['tokenizer']}" for r in data["rows"]})
     lines += ["", "Input sources: " + ", ".join(f"`{s}`" for s in sources), "", "Tokenizers:", ""]
     lines += [f"- {t}" for t in tokenizers]
+    policies = data["options"].get("policies") or {}
+    if policies:
+        lines += ["", "Policy files:", ""]
+        lines += [f"- `{name}`: {p['source']} (sha256 {p['sha256']})" for name, p in policies.items()]
     if data.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in data["notes"]]
     if data.get("skipped"):
         lines += ["", "Skipped:", ""] + [f"- {k}: {v}" for k, v in data["skipped"].items()]
     return "\n".join(lines) + "\n"
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    """A stored report, or ValueError naming what is wrong with the file."""
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist (or is not a file); pass the path a run's --fidelity-report wrote")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a JSON fidelity report ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict) or data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        raise ValueError(
+            f"{path}: schema_version {version!r} is not one of {READABLE_SCHEMA_VERSIONS}: not a fidelity report "
+            "this version reads"
+        )
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,12 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("report", type=Path)
     parser.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
     args = parser.parse_args(argv)
-    data = json.loads(args.report.read_text())
-    if data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
-        parser.error(f"{args.report}: schema_version {data.get('schema_version')} is not one of {READABLE_SCHEMA_VERSIONS}")
+    try:
+        data = load_report(args.report)
+    except ValueError as exc:
+        parser.error(str(exc))
     text = render_markdown(data)
     if args.output:
-        args.output.write_text(text)
+        atomic_write_text(args.output, text)
     else:
         print(text, end="")
     return 0

@@ -1,5 +1,9 @@
-"""Latency and memory benchmarks (pytest-benchmark).
+"""Latency and memory: the one timer, the benchmarks, per-machine baselines and the regression gate.
 
-Runners never time themselves: the one GPU-correct timer lives here.  Not built
-yet; see baselines/README.md.
+Measure (:mod:`perf.timing`, :mod:`perf.session`), store (:mod:`perf.baselines`:
+pytest-benchmark JSON under ``baselines/<machine id>/``) and compare
+(:mod:`perf.stats`: Mann-Whitney U per item, a geometric-mean suite aggregate) are
+kept apart; :mod:`perf.report` and :mod:`perf.roofline` turn a saved run into a
+table with hardware floors.  Engines come from :mod:`engines.factory`; nothing here
+imports ``fidelity/``.
 """

@@ -5,23 +5,32 @@ or, without a GPU, the CPU's model (``cpu-x86_64-Intel_Xeon_...``).  pytest-benc
 writes its JSON into that folder (inside its own OS/Python subfolder) and reads it
 with ``--benchmark-compare``; this module chooses the stored run to compare with and
 checks that what must match does: the machine id and the major versions of the
-runtimes that produced the numbers.  A mismatch refuses the comparison.
+runtimes that produced the numbers, and the numerics the engines ran under.  A
+mismatch refuses the comparison.
+
+Where baselines live: ``$FIDELITY_BASELINES`` if set, else ``baselines/`` under
+pytest's rootdir (the checkout), never inside the installed package.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import platform
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-BASELINES_DIR = Path(__file__).resolve().parents[1] / "baselines"
+BASELINES_ENV = "FIDELITY_BASELINES"
 # Version history of the "fidelity_suite" block inside pytest-benchmark's machine_info:
 #   1: machine_id, gpu, compute_capability, driver, cuda, torch, transformers, onnxruntime, tensorrt
-BASELINE_SCHEMA_VERSION = 1
+#   2: numerics (the settings the engines ran under: engines.numerics), numerics_detail
+BASELINE_SCHEMA_VERSION = 2
+# Baselines saved before numerics were recorded (schema 1: H100 0001-0004) were all
+# measured under the then fidelity session's deterministic kernels.
+NUMERICS_BEFORE_SCHEMA_2 = "deterministic"
 # A top-level block of each run this suite saves (pytest-benchmark keeps unknown keys):
 #   {"schema": 1, "selected": N, "finished": M, "interrupted": bool, "complete": bool}
 # Runs saved before it existed (baselines 0001-0003 of the H100) have none and count as complete.
@@ -32,7 +41,7 @@ RUN_RECORD_SCHEMA_VERSION = 1
 # gate is for), and only the runtimes the baseline's engines ran on
 # (engines.backends.registry: BackendInfo.runtime): installing TensorRT does not void a
 # baseline of PyTorch engines.
-CHECKED_FACTS = ("machine_id",)
+CHECKED_FACTS = ("machine_id", "numerics")
 
 
 class BaselineMismatchError(RuntimeError):
@@ -62,14 +71,22 @@ def machine_id(device: str) -> str:
     return f"cpu-{platform.machine()}-{_slug(_cpu_model())}"
 
 
-def machine_facts(device: str) -> dict[str, Any]:
-    """What pytest-benchmark's machine_info gets under "fidelity_suite"."""
+def default_storage(rootdir: Path) -> Path:
+    """The baselines folder: $FIDELITY_BASELINES, else ``baselines/`` under pytest's rootdir."""
+    configured = os.environ.get(BASELINES_ENV)
+    return Path(configured).expanduser() if configured else Path(rootdir) / "baselines"
+
+
+def machine_facts(device: str, numerics: dict[str, Any]) -> dict[str, Any]:
+    """What pytest-benchmark's machine_info gets under "fidelity_suite"; ``numerics`` from engines.numerics.record."""
     from engines.env import environment_info
 
     env = environment_info(device)
     facts: dict[str, Any] = {
         "schema": BASELINE_SCHEMA_VERSION,
         "machine_id": machine_id(device),
+        "numerics": numerics["name"],
+        "numerics_detail": numerics,
         "gpu": env.get("gpu_name"),
         "compute_capability": env.get("compute_capability"),
         "driver": env.get("driver"),
@@ -86,7 +103,7 @@ def machine_facts(device: str) -> dict[str, Any]:
     return facts
 
 
-def machine_dir(device: str, root: Path = BASELINES_DIR) -> Path:
+def machine_dir(device: str, root: Path) -> Path:
     return root / machine_id(device)
 
 
@@ -165,6 +182,9 @@ def check_compatible(
     from engines.backends.registry import BACKENDS
 
     problems = []
+    baseline_facts = dict(baseline_facts)
+    if baseline_facts.get("schema", 1) < 2:
+        baseline_facts.setdefault("numerics", NUMERICS_BEFORE_SCHEMA_2)
     for key in CHECKED_FACTS:
         if baseline_facts.get(key) != current.get(key):
             problems.append(f"{key} {baseline_facts.get(key)!r} (here {current.get(key)!r})")
@@ -175,7 +195,8 @@ def check_compatible(
     if problems:
         raise BaselineMismatchError(
             f"baseline {source} was recorded for " + ", ".join(problems) + "; it is not compared. "
-            "Save a baseline on this machine with --benchmark-save=NAME."
+            "Save a baseline on this machine with these settings (pytest -m perf --benchmark-save=NAME), "
+            "or compare with one that has them (--benchmark-compare=NNNN)."
         )
 
 

@@ -1,16 +1,24 @@
-"""State of one perf run: what is measured, the CPU baseline, the gate's verdicts."""
+"""State of one perf run: what is measured, the CPU baseline, the gate's verdicts.
+
+Measure (:meth:`PerfSession.measure`, through the one timer in ``perf/timing.py``),
+store (pytest-benchmark's JSON, ``perf/baselines.py``) and compare
+(:meth:`PerfSession.gate` and :meth:`PerfSession.aggregate`, with ``perf/stats.py``)
+are kept apart.  Engines come from the shared :class:`engines.factory.EngineFactory`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Any
 
 import torch
 
 from engines.backends.base import Runner, split_engine_name
+from engines.factory import EngineFactory, EngineSpec
+from engines.tables import render_table
 from perf.baselines import RUN_RECORD_SCHEMA_VERSION, Baseline
-from perf.stats import Comparison, compare_memory, compare_samples, median, percentile
+from perf.options import PerfOptions
+from perf.stats import Comparison, SuiteAggregate, compare_memory, compare_samples, median, percentile, suite_aggregate
 from perf.timing import (
     TimedEngine,
     device_used_bytes,
@@ -20,15 +28,6 @@ from perf.timing import (
     staged_inputs,
 )
 
-GRIDS: dict[str, list[tuple[int, int]]] = {
-    # The targets' shapes: b1 s128 (latency), b32 s128 and b32 s512 (throughput).
-    "default": [(1, 128), (8, 128), (32, 128), (32, 512)],
-    # A CPU run is a check of the machinery, not a measurement anyone ships on.
-    "cpu": [(1, 32), (4, 64)],
-    "full": [(b, s) for b in (1, 2, 4, 8, 16, 32) for s in (32, 64, 128, 256, 512)],
-}
-ROUNDS = {"cuda": 50, "cpu": 10}
-WARMUP = {"cuda": 10, "cpu": 2}
 CPU_BASELINE_ROUNDS = 3
 
 
@@ -80,32 +79,13 @@ class PerfResult:
 
 class PerfSession:
     def __init__(
-        self,
-        *,
-        device: str,
-        grid: str,
-        rounds: int | None,
-        warmup: int | None,
-        threshold: float,
-        alpha: float,
-        baseline: Baseline | None,
-        gate: bool,
-        cpu_baseline: bool,
-        slow_engines: list[tuple[str, float]],
-        gate_backends: frozenset[str] | None = None,
+        self, options: PerfOptions, factory: EngineFactory, *, baseline: Baseline | None, compare: bool
     ) -> None:
-        kind = device.split(":")[0]
-        self.device = device
-        self.grid = grid
-        self.rounds = rounds or ROUNDS[kind]
-        self.warmup = warmup if warmup is not None else WARMUP[kind]
-        self.threshold = threshold
-        self.alpha = alpha
+        self.options = options
+        self.factory = factory
+        self.device = factory.device
         self.baseline = baseline
-        self.gate_enabled = gate
-        self.cpu_baseline_enabled = cpu_baseline
-        self.slow_engines = slow_engines
-        self.gate_backends = gate_backends
+        self.gate_enabled = compare
         self.baseline_notes: list[str] = []  # no baseline; newer incomplete runs passed over
         # How far this run got, saved with it: a save interrupted half-way must not
         # become the baseline that the next compare silently gates with.
@@ -118,10 +98,7 @@ class PerfSession:
 
     def gates(self, backend: str) -> bool:
         """Whether a regression of this backend fails its test (others are compared and reported)."""
-        return self.gate_backends is None or backend in self.gate_backends
-
-    def injected_delay(self, engine_id: str) -> float:
-        return sum(delay for pattern, delay in self.slow_engines if fnmatch.fnmatch(engine_id, pattern))
+        return backend in self.options.gate_backends
 
     def run_record(self) -> dict[str, Any]:
         """What a saved run says about its own completeness (perf.baselines.RUN_RECORD_KEY)."""
@@ -137,26 +114,27 @@ class PerfSession:
     # -- measuring ----------------------------------------------------------------------
     def cpu_fp32_median(self, runner: Runner, shape: tuple[int, int]) -> float | None:
         """The same model's FP32 eager engine on the CPU, same shape, measured in this run."""
-        if not self.cpu_baseline_enabled:
+        if not self.options.cpu_baseline:
             return None
-        from engines.precision.policy import REFERENCE_POLICY
-        from engines.backends.torch_eager import TorchRunner
-
         key = (runner.model.name, *shape)
         if key not in self._cpu_medians:
             if runner.model.name not in self._cpu_runners:
-                self._cpu_runners[runner.model.name] = TorchRunner(runner.model, REFERENCE_POLICY, "cpu").build()
+                spec = EngineSpec(runner.model.name, "torch", "fp32")
+                self._cpu_runners[runner.model.name] = self.factory.build(spec, device="cpu")
             cpu = self._cpu_runners[runner.model.name]
             call = TimedEngine(cpu, staged_inputs(cpu, *shape, copies=2))
             self._cpu_medians[key] = median_seconds(call, warmup=1, rounds=CPU_BASELINE_ROUNDS)
         return self._cpu_medians[key]
 
     def measure(self, benchmark, runner: Runner, shape: tuple[int, int]) -> PerfResult:
-        call = TimedEngine(runner, staged_inputs(runner, *shape), self.injected_delay(runner.name))
+        delay, factor = self.options.slowdown_for(runner.name)
+        call = TimedEngine(runner, staged_inputs(runner, *shape), delay, factor)
         first_call = first_call_seconds(call)
-        engine_bytes = engine_reported_bytes(runner.describe())
-        benchmark.pedantic(call, setup=call.setup, rounds=self.rounds, warmup_rounds=self.warmup, iterations=1)
+        benchmark.pedantic(
+            call, setup=call.setup, rounds=self.options.rounds, warmup_rounds=self.options.warmup, iterations=1
+        )
         samples = list(benchmark.stats.stats.data)
+        outside = runner.memory().outside_allocator_bytes
         result = PerfResult(
             name=benchmark.fullname,
             engine=runner.name,
@@ -164,11 +142,11 @@ class PerfSession:
             median_s=median(samples),
             p90_s=percentile(samples, 90),
             p99_s=percentile(samples, 99),
-            peak_device_bytes=_plus(peak_device_bytes(call), engine_bytes),
+            peak_device_bytes=peak_device_bytes(call),
             cpu_fp32_median_s=self.cpu_fp32_median(runner, shape),
             first_call_s=first_call,
             device_used_bytes=device_used_bytes(runner.device),
-            engine_reported_bytes=engine_bytes,
+            engine_reported_bytes=outside or None,
         )
         benchmark.extra_info.update(result.extra_info())
         self.results.append(result)
@@ -184,50 +162,68 @@ class PerfSession:
             result.note = f"not in baseline {self.baseline.path.name}"
             return []
         comparisons = [
-            compare_samples(result.name, samples, baseline_samples, threshold=threshold, alpha=self.alpha)
+            compare_samples(result.name, samples, baseline_samples, threshold=threshold, alpha=self.options.alpha)
         ]
         baseline_memory = self.baseline.extra(result.name).get("peak_device_bytes")
         if baseline_memory and result.peak_device_bytes:
             comparisons.append(
-                compare_memory(result.name, result.peak_device_bytes, baseline_memory, threshold=threshold)
+                compare_memory(
+                    result.name, result.peak_device_bytes, baseline_memory, threshold=self.options.memory_threshold
+                )
             )
         result.comparisons = comparisons
         return comparisons
 
+    def failures(self, result: PerfResult) -> list[Comparison]:
+        """The comparisons that fail ``result``'s test item (none for a backend that is not gated)."""
+        if not self.gates(split_engine_name(result.engine)[1]):
+            return []
+        return [c for c in result.comparisons if c.fails(inconclusive=self.options.inconclusive)]
+
+    def aggregate(self) -> SuiteAggregate:
+        """The suite-level latency aggregate over every compared item of a gated backend."""
+        compared = [
+            c
+            for r in self.results
+            if self.gates(split_engine_name(r.engine)[1])
+            for c in r.comparisons
+        ]
+        return suite_aggregate(compared, threshold=self.options.suite_threshold)
+
     def summary_lines(self) -> list[str]:
-        lines = []
-        lines.extend(self.baseline_notes)
+        lines = list(self.baseline_notes)
         if self.baseline is not None:
             lines.append(f"baseline: {self.baseline.path}")
+        rows = []
         for r in self.results:
-            speed = f"{r.speedup_over_cpu:7.1f}x CPU" if r.speedup_over_cpu else "       -   "
-            memory = f"{r.peak_device_bytes / 2**20:8.1f} MiB" if r.peak_device_bytes else "       -    "
             verdicts = ", ".join(c.verdict for c in r.comparisons) or r.note or "measured"
             if r.comparisons and not self.gates(split_engine_name(r.engine)[1]):
                 verdicts += " (not gated)"
-            first = f"first call {r.first_call_s:6.2f} s" if r.first_call_s is not None else ""
-            lines.append(
-                f"{r.engine:32} b{r.shape[0]:<2} s{r.shape[1]:<4} median {r.median_s * 1e3:9.3f} ms  {speed}  {memory}  "
-                f"{first}  {verdicts}"
-            )
+            rows.append((
+                r.engine,
+                f"b{r.shape[0]} s{r.shape[1]}",
+                f"{r.median_s * 1e3:.3f}",
+                f"{r.p99_s * 1e3:.3f}",
+                "-" if r.speedup_over_cpu is None else f"{r.speedup_over_cpu:.1f}x",
+                "-" if r.peak_device_bytes is None else f"{r.peak_device_bytes / 2**20:.1f}",
+                "-" if r.first_call_s is None else f"{r.first_call_s:.2f}",
+                verdicts,
+            ))
+        lines.append(render_table(
+            ("engine", "shape", "median ms", "p99 ms", "vs CPU FP32", "peak MiB", "first call s", "verdict"), rows
+        ))
+        inconclusive = [c for r in self.results for c in r.comparisons if c.verdict == "inconclusive"]
+        if inconclusive:
+            what = "failed (--perf-inconclusive=fail)" if self.options.inconclusive == "fail" else "passed, not decided"
+            lines.append(f"inconclusive ({what}):")
+            lines.extend(f"  {c.message()}" for c in inconclusive)
+        faster = [c for r in self.results for c in r.comparisons if c.verdict in ("faster", "smaller")]
+        if faster:
+            lines.append("better than the baseline beyond the threshold (refresh the baseline):")
+            lines.extend(f"  {c.message()}" for c in faster)
+        if self.gate_enabled and self.baseline is not None:
+            lines.append(self.aggregate().message())
         return lines
-
-
-def engine_reported_bytes(description: dict[str, Any]) -> int | None:
-    """Device memory a runner allocates itself, outside torch: TensorRT's activations plus its weights.
-
-    TensorRT's execution context and deserialized plan live in memory the
-    torch allocator never sees, so the allocator's peak alone would miss them.
-    """
-    if "device_memory_bytes" not in description:
-        return None
-    return int(description["device_memory_bytes"]) + int(description.get("plan_bytes", 0))
-
-
-def _plus(allocator_peak: int | None, engine_bytes: int | None) -> int | None:
-    if allocator_peak is None:
-        return None
-    return allocator_peak + (engine_bytes or 0)
 
 
 def is_oom(exc: BaseException) -> bool:

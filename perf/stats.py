@@ -1,10 +1,18 @@
-"""Statistics for the latency gate: percentiles, Mann-Whitney U, and the verdict.
+"""Statistics for the latency gate: percentiles, Mann-Whitney U, the verdicts and the suite aggregate.
 
 The gate follows asv and pyperf: a regression needs both an effect larger than
 the threshold (median ratio) *and* significance on the recorded samples
-(two-sided Mann-Whitney U, normal approximation with tie correction), and an
-effect no larger than the runs' own spread (IQR/median) is inconclusive rather
-than a regression.
+(two-sided Mann-Whitney U, ``scipy.stats.mannwhitneyu``: exact p-values for small
+samples without ties, the normal approximation otherwise).  An effect beyond the
+threshold but no larger than the runs' own spread (IQR/median) is
+``inconclusive``: listed with its spread, and a failure under
+``--perf-inconclusive=fail``.  A speedup beyond the threshold passes and says to
+refresh the baseline.
+
+Per-item gates miss a uniform slowdown below their threshold, so the suite is
+gated as a whole too (:func:`suite_aggregate`): the geometric mean of
+candidate/baseline medians over every compared item must stay within
+``--perf-suite-threshold``.
 """
 
 from __future__ import annotations
@@ -13,20 +21,21 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 DEFAULT_THRESHOLD = 0.10  # TensorRT-LLM gates at 5-10% per GPU; asv's default factor is 1.1
+DEFAULT_MEMORY_THRESHOLD = 0.10
+DEFAULT_SUITE_THRESHOLD = 0.05
 DEFAULT_ALPHA = 0.01
 MIN_SAMPLES = 5
+INCONCLUSIVE_POLICIES = ("report", "fail")
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100]."""
-    if not samples:
+    """Linear-interpolated percentile, q in [0, 100] (numpy's default method)."""
+    if len(samples) == 0:
         raise ValueError("no samples")
-    ordered = sorted(samples)
-    position = (len(ordered) - 1) * q / 100.0
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    return float(np.percentile(np.asarray(samples, dtype=float), q))
 
 
 def median(samples: Sequence[float]) -> float:
@@ -38,40 +47,20 @@ def relative_spread(samples: Sequence[float]) -> float:
     return (percentile(samples, 75) - percentile(samples, 25)) / median(samples)
 
 
-def mann_whitney_u(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """``(U_a, two-sided p)`` for H0: a and b come from one distribution."""
-    n1, n2 = len(a), len(b)
-    if n1 == 0 or n2 == 0:
+def mann_whitney_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p for H0: ``a`` and ``b`` come from one distribution (scipy picks exact or asymptotic)."""
+    from scipy.stats import mannwhitneyu
+
+    if len(a) == 0 or len(b) == 0:
         raise ValueError("both samples need values")
-    pooled = sorted([(v, 0) for v in a] + [(v, 1) for v in b])
-    ranks = [0.0] * len(pooled)
-    tie_term = 0.0
-    i = 0
-    while i < len(pooled):
-        j = i
-        while j + 1 < len(pooled) and pooled[j + 1][0] == pooled[i][0]:
-            j += 1
-        rank = (i + j) / 2.0 + 1.0
-        for k in range(i, j + 1):
-            ranks[k] = rank
-        ties = j - i + 1
-        tie_term += ties**3 - ties
-        i = j + 1
-    rank_sum_a = sum(r for r, (_, group) in zip(ranks, pooled) if group == 0)
-    u_a = rank_sum_a - n1 * (n1 + 1) / 2.0
-    mean_u = n1 * n2 / 2.0
-    n = n1 + n2
-    variance = n1 * n2 / 12.0 * ((n + 1) - tie_term / (n * (n - 1)))
-    if variance <= 0:
-        return u_a, 1.0
-    z = (abs(u_a - mean_u) - 0.5) / math.sqrt(variance)  # continuity correction
-    p = math.erfc(max(z, 0.0) / math.sqrt(2.0))
-    return u_a, min(1.0, p)
+    if len(set(a) | set(b)) == 1:
+        return 1.0  # every value equal: no evidence either way (scipy would divide by zero)
+    return float(mannwhitneyu(a, b, alternative="two-sided", method="auto").pvalue)
 
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    """Candidate vs baseline for one benchmark."""
+    """Candidate vs baseline for one benchmark and one metric."""
 
     name: str
     verdict: str  # "pass", "regression", "faster" (latency) / "smaller" (memory), "inconclusive"
@@ -80,24 +69,30 @@ class Comparison:
     baseline_median: float
     p_value: float
     threshold: float
+    spread: float = 0.0  # the larger IQR/median of the two sample sets (latency)
     note: str = ""
     metric: str = "latency"  # or "memory": medians are then peak bytes
+
+    def fails(self, *, inconclusive: str = "report") -> bool:
+        return self.verdict == "regression" or (self.verdict == "inconclusive" and inconclusive == "fail")
 
     def __bool__(self) -> bool:
         return self.verdict != "regression"
 
-    def message(self, unit: float = 1e3, unit_name: str = "ms") -> str:
+    def message(self) -> str:
         if self.metric == "memory":
-            return (
+            text = (
                 f"{self.name}: peak device memory {self.ratio:.2f}x the baseline "
                 f"({self.candidate_median / 2**20:.1f} MiB vs {self.baseline_median / 2**20:.1f} MiB, "
-                f"threshold {self.threshold:.0%})" + (f": {self.note}" if self.note else "")
+                f"threshold {self.threshold:.0%})"
             )
-        speed = f"{self.ratio:.2f}x slower" if self.ratio >= 1 else f"{1 / self.ratio:.2f}x faster"
-        text = (
-            f"{self.name}: {speed} (median {self.candidate_median * unit:.3g} {unit_name} vs "
-            f"{self.baseline_median * unit:.3g} {unit_name}, p={self.p_value:.3g}, threshold {self.threshold:.0%})"
-        )
+        else:
+            speed = f"{self.ratio:.2f}x slower" if self.ratio >= 1 else f"{1 / self.ratio:.2f}x faster"
+            text = (
+                f"{self.name}: {speed} (median {self.candidate_median * 1e3:.3g} ms vs "
+                f"{self.baseline_median * 1e3:.3g} ms, p={self.p_value:.3g}, spread {self.spread:.0%}, "
+                f"threshold {self.threshold:.0%})"
+            )
         return f"{text}: {self.note}" if self.note else text
 
 
@@ -113,11 +108,11 @@ def compare_samples(
         raise ValueError(f"{name}: need at least {MIN_SAMPLES} samples on each side, got {len(candidate)}/{len(baseline)}")
     cand_median, base_median = median(candidate), median(baseline)
     ratio = cand_median / base_median
-    _, p = mann_whitney_u(candidate, baseline)
+    p = mann_whitney_p(candidate, baseline)
     spread = max(relative_spread(candidate), relative_spread(baseline))
 
     def result(verdict: str, note: str = "") -> Comparison:
-        return Comparison(name, verdict, ratio, cand_median, base_median, p, threshold, note)
+        return Comparison(name, verdict, ratio, cand_median, base_median, p, threshold, spread, note)
 
     effect = abs(ratio - 1.0)
     # An effect beyond the threshold but within the run's own spread is noise:
@@ -125,17 +120,54 @@ def compare_samples(
     if effect > threshold and effect <= spread:
         return result(
             "inconclusive",
-            f"spread {spread:.0%} (IQR/median) is as large as the difference: the machine is noisy",
+            f"the spread {spread:.0%} (IQR/median) is as large as the difference: the machine is noisy; rerun, "
+            "or fail such results with --perf-inconclusive=fail",
         )
     if ratio > 1.0 + threshold and p < alpha:
         return result("regression")
     if ratio < 1.0 / (1.0 + threshold) and p < alpha:
-        return result("faster", "refresh the baseline")
+        return result("faster", "faster than the baseline beyond the threshold: refresh the baseline")
     return result("pass")
 
 
 def compare_memory(name: str, candidate_bytes: int, baseline_bytes: int, *, threshold: float) -> Comparison:
     ratio = candidate_bytes / baseline_bytes if baseline_bytes else 1.0
     verdict = "regression" if ratio > 1.0 + threshold else ("smaller" if ratio < 1.0 / (1.0 + threshold) else "pass")
-    note = "refresh the baseline" if verdict == "smaller" else ""
-    return Comparison(name, verdict, ratio, candidate_bytes, baseline_bytes, 0.0, threshold, note, metric="memory")
+    note = "smaller than the baseline beyond the threshold: refresh the baseline" if verdict == "smaller" else ""
+    return Comparison(name, verdict, ratio, candidate_bytes, baseline_bytes, 0.0, threshold, note=note, metric="memory")
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteAggregate:
+    """The geometric mean of candidate/baseline median ratios over every compared item."""
+
+    items: int
+    geomean_ratio: float
+    threshold: float
+    worst: tuple[str, float] | None  # the item with the largest ratio
+
+    @property
+    def failed(self) -> bool:
+        return self.items > 0 and self.geomean_ratio > 1.0 + self.threshold
+
+    def message(self) -> str:
+        if not self.items:
+            return "suite aggregate: no item was compared with a baseline"
+        direction = "slower" if self.geomean_ratio >= 1 else "faster"
+        factor = self.geomean_ratio if self.geomean_ratio >= 1 else 1 / self.geomean_ratio
+        text = (
+            f"suite aggregate over {self.items} compared items: geometric mean {factor:.3f}x {direction} than the "
+            f"baseline (threshold {self.threshold:.0%}, --perf-suite-threshold)"
+        )
+        if self.worst is not None:
+            text += f"; largest ratio {self.worst[1]:.3f} ({self.worst[0]})"
+        return text
+
+
+def suite_aggregate(comparisons: Sequence[Comparison], *, threshold: float = DEFAULT_SUITE_THRESHOLD) -> SuiteAggregate:
+    latency = [c for c in comparisons if c.metric == "latency"]
+    if not latency:
+        return SuiteAggregate(0, 1.0, threshold, None)
+    geomean = math.exp(sum(math.log(c.ratio) for c in latency) / len(latency))
+    worst = max(latency, key=lambda c: c.ratio)
+    return SuiteAggregate(len(latency), geomean, threshold, (worst.name, worst.ratio))

@@ -1,7 +1,9 @@
 """`pytest -m perf`: latency and memory of every selected engine over the batch x sequence grid.
 
-With --benchmark-compare each test also compares itself with this machine's
-baseline and fails when it regressed (see perf/plugin.py).
+With --benchmark-compare each item also compares itself with this machine's
+baseline and fails when it regressed, and ``test_suite_aggregate`` (run last)
+fails when the suite as a whole slowed beyond --perf-suite-threshold
+(see perf/plugin.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ def test_latency(engine, perf_shape, benchmark, perf_session, perf_threshold) ->
                 torch.cuda.empty_cache()  # what the failed shape held goes back before the next one
             pytest.skip(f"out of device memory at b{batch} s{seq}: {str(exc).splitlines()[0]}")
         raise
-    comparisons = perf_session.gate(result, list(benchmark.stats.stats.data), threshold=perf_threshold)
-    failures = [c.message() for c in comparisons if c.verdict == "regression"]
-    if failures and perf_session.gates(engine.backend):
-        pytest.fail("\n".join(failures), pytrace=False)
+    perf_session.gate(result, list(benchmark.stats.stats.data), threshold=perf_threshold)
+    failures = perf_session.failures(result)
+    if failures:
+        pytest.fail("\n".join(c.message() for c in failures), pytrace=False)
+
+
+def test_suite_aggregate(perf_session) -> None:
+    """The geometric mean of candidate/baseline medians over every compared item: a uniform slowdown fails here."""
+    if not perf_session.gate_enabled or perf_session.baseline is None:
+        pytest.skip("no baseline compared (--benchmark-compare with a stored baseline): nothing to aggregate")
+    aggregate = perf_session.aggregate()
+    if aggregate.failed:
+        pytest.fail(aggregate.message(), pytrace=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def staged_inputs(runner: Runner, batch: int, seq: int, *, copies: int = INPUT_COPIES) -> list[TokenBatch]:
+def staged_inputs(runner: Runner, batch: int, seq: int, *, copies: int = INPUT_COPIES) -> list[Any]:
     """``copies`` different all-valid batches of token ids, already on the engine's device."""
     generator = torch.Generator().manual_seed(batch * 10_007 + seq)
     staged = []
@@ -39,11 +40,12 @@ def staged_inputs(runner: Runner, batch: int, seq: int, *, copies: int = INPUT_C
 
 @dataclasses.dataclass
 class TimedEngine:
-    """A runner, its staged inputs and an optional injected delay, as one timed call."""
+    """A runner, its staged inputs and an optional injected slowdown, as one timed call."""
 
     runner: Runner
-    inputs: list[TokenBatch]
-    injected_delay_s: float = 0.0  # test-only: a deliberately slowed engine
+    inputs: list[Any]  # what runner.prepare() staged
+    injected_delay_s: float = 0.0  # test-only: a deliberately slowed engine (seconds added)
+    injected_factor: float = 1.0  # test-only: each call stretched this many times
 
     def __post_init__(self) -> None:
         self._sync = synchronizer(self.runner.device)
@@ -56,11 +58,16 @@ class TimedEngine:
         self._sync()
         return (prepared,), {}
 
-    def __call__(self, prepared: TokenBatch) -> None:
+    def __call__(self, prepared: Any) -> None:
+        start = time.perf_counter() if self.injected_factor != 1.0 else 0.0
         self.runner.run(prepared)
         self._sync()
-        if self.injected_delay_s:  # after the sync: a host sleep must not hide behind GPU work
-            time.sleep(self.injected_delay_s)
+        # After the sync: a host sleep must not hide behind GPU work.
+        extra = self.injected_delay_s
+        if self.injected_factor != 1.0:
+            extra += (self.injected_factor - 1.0) * (time.perf_counter() - start)
+        if extra:
+            time.sleep(extra)
 
 
 def median_seconds(call: TimedEngine, *, warmup: int, rounds: int) -> float:
@@ -81,8 +88,10 @@ def median_seconds(call: TimedEngine, *, warmup: int, rounds: int) -> float:
 def peak_device_bytes(call: TimedEngine) -> int | None:
     """Peak allocator bytes of this engine during one call, weights included; None off CUDA.
 
-    What other objects held when the engine was built (an earlier engine's
-    leftovers, say) is not this engine's and is subtracted.
+    What other objects held when the engine was built is not this engine's and is
+    subtracted (engines.memory releases shared caches first, so the figure does not
+    depend on what ran before); what the runtime holds outside the allocator, by its
+    own report (``Runner.memory()``), is added.
     """
     device = call.runner.device
     if device.type != "cuda":
@@ -90,7 +99,8 @@ def peak_device_bytes(call: TimedEngine) -> int | None:
     args, _ = call.setup()
     torch.cuda.reset_peak_memory_stats(device)
     call(*args)
-    return max(0, int(torch.cuda.max_memory_allocated(device)) - call.runner.foreign_device_bytes)
+    allocator_peak = max(0, int(torch.cuda.max_memory_allocated(device)) - call.runner.foreign_device_bytes)
+    return allocator_peak + call.runner.memory().outside_allocator_bytes
 
 
 def first_call_seconds(call: TimedEngine) -> float:
@@ -113,8 +123,6 @@ def device_used_bytes(device: torch.device) -> int | None:
 
 def cap_device_memory(device: str, gib: float) -> None:
     """Limit the torch allocator on ``device`` to ``gib`` GiB (beyond it: torch.cuda.OutOfMemoryError)."""
-    if not device.startswith("cuda"):
-        raise ValueError(f"--perf-memory-cap-gib caps GPU memory; the device is {device}. Drop the option or use --device cuda")
     index = torch.device(device).index or 0
     total = torch.cuda.get_device_properties(index).total_memory
     if not 0 < gib * 2**30 < total:

@@ -44,6 +44,105 @@ def test_bad_options_are_usage_errors(args, message):
     assert "Traceback" not in proc.stderr
 
 
+def _damaged_model_dir(tmp_path: Path) -> Path:
+    from engines.models import ModelLoader
+
+    folder = tmp_path / "tiny"
+    ModelLoader(weights_mode="random", hub_probe=lambda: False).load("tiny-bert").module.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    return folder
+
+
+def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], str]:
+    """The command-line arguments of one bad input, and the message its usage error must carry."""
+    if case == "truncated-weights":
+        return [f"--model-path=tiny-bert={_damaged_model_dir(tmp_path)}"], "model.safetensors is truncated"
+    if case == "wikitext-missing":
+        return [f"--wikitext-path={tmp_path / 'nope.parquet'}"], "does not exist"
+    if case == "wikitext-empty":
+        (tmp_path / "empty.txt").write_text("")
+        return [f"--wikitext-path={tmp_path / 'empty.txt'}"], "the files hold no text"
+    if case == "wikitext-garbage-parquet":
+        (tmp_path / "test-0.parquet").write_bytes(b"PAR1 this is not parquet at all " * 10)
+        return [f"--wikitext-path={tmp_path / 'test-0.parquet'}"], "cannot be read as parquet"
+    if case == "engine-cache-is-a-file":
+        (tmp_path / "cache").write_text("not a folder")
+        return [f"--engine-cache={tmp_path / 'cache'}"], "is a file, not a folder"
+    if case == "report-is-a-folder":
+        (tmp_path / "reports").mkdir()
+        return [f"--fidelity-report={tmp_path / 'reports'}"], "is a folder; give a file path such as"
+    if case == "empty-models":
+        return ["--models="], "--models is empty"
+    if case == "missing-policy-file":
+        return [f"--precisions=hybrid,file:{tmp_path / 'p.json'}"], "does not exist (or is not a file)"
+    if case == "gate-unselected":
+        return ["--precisions=fp32", "--gate-precisions=hybrid"], "which --precisions does not select"
+    raise AssertionError(case)
+
+
+BAD_INPUTS = [
+    "truncated-weights", "wikitext-missing", "wikitext-empty", "wikitext-garbage-parquet", "engine-cache-is-a-file",
+    "report-is-a-folder", "empty-models", "missing-policy-file", "gate-unselected",
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_a_usage_error_at_start_up(tmp_path, case):
+    args, message = _bad_input(tmp_path, case)
+    proc = run_pytest("-m", "fidelity", "fidelity", "--models=tiny-bert", "--precisions=hybrid",
+                      "--input-profile=ci", *args, timeout=180)
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "PASSED" not in proc.stdout and "passed" not in proc.stdout  # nothing ran, nothing was built
+
+
+def test_help_states_the_defaults_that_run():
+    """--help is generated from the same option tables the defaults come from."""
+    from engines.options import ENGINE_OPTIONS, EngineSelection
+    from perf.options import PERF_OPTIONS, PerfOptions
+
+    proc = run_pytest("--help", timeout=120)
+    flat = " ".join(proc.stdout.split())
+    for option in [*ENGINE_OPTIONS, *PERF_OPTIONS]:
+        if option.default_text:
+            assert " ".join(option.default_text.split()) in flat, option.flag
+    selection = EngineSelection.from_values({"device": "cpu"})
+    assert selection.backends == ["torch"]  # "those of torch,torch-cudagraph that run on --device (on a CPU machine: torch)"
+    assert PerfOptions.from_values({}, device="cpu").grid == "cpu"  # "'cpu' on CPU"
+    assert "(default: those of torch,torch-cudagraph that run on --device (on a CPU machine: torch))" in flat
+
+
+@pytest.mark.slow
+def test_an_interrupted_fidelity_run_keeps_its_rows_and_says_it_was_interrupted(tmp_path):
+    import signal
+
+    report = tmp_path / "r.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-m", "fidelity", "fidelity",
+         "--models=tiny-bert,tiny-gpt2", "--precisions=fp32,hybrid,fp16,bf16", "--input-profile=ci",
+         f"--fidelity-report={report}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if "PASSED" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    output.extend(proc.stdout)
+    assert proc.wait(timeout=300) == 2, "".join(output)[-3000:]  # pytest's "interrupted"
+    data = json.loads(report.read_text())
+    assert data["interrupted"] is True
+    assert data["rows"], "what was measured before Ctrl-C is kept"
+    finished = [r for r in data["rows"] if not r["partial"]]
+    assert finished and all(r["verdict"] in ("PASS", "measured") for r in finished)
+    assert all(r["verdict"] == "PARTIAL (interrupted)" for r in data["rows"] if r["partial"])
+    assert "INTERRUPTED" in "".join(output)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_on_a_cpu_machine_is_a_usage_error():
     proc = run_pytest("--collect-only", "-q", "fidelity", "--device", "cuda", timeout=120)
@@ -64,7 +163,8 @@ def test_fidelity_session_writes_a_report_covering_every_combination(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "fidelity summary" in proc.stdout
     data = json.loads(report.read_text())
-    assert data["schema_version"] == 2 and data["options"]["profile"] == "ci"
+    assert data["schema_version"] == 3 and data["options"]["profile"] == "ci" and data["interrupted"] is False
+    assert data["environment"]["numerics"]["name"] == "production" and data["options"]["numerics"] == "production"
     combos = {(r["model"], r["backend"], r["precision"], r["input_kind"]) for r in data["rows"]}
     for model in ("tiny-bert", "tiny-gpt2"):
         for precision in ("fp32", "hybrid", "fp16-strict"):
@@ -75,7 +175,8 @@ def test_fidelity_session_writes_a_report_covering_every_combination(tmp_path):
     if not torch.cuda.is_available():
         assert all("CUDA GPU" in reason for reason in data["skipped"].values()) or not data["skipped"]
         assert "SKIPPED" in proc.stdout or "skipped" in proc.stdout
-    assert data["audits"]["tiny-gpt2/torch/hybrid"]["problems"] == []
+    assert data["engines"]["tiny-gpt2/torch/hybrid"]["audit"]["problems"] == []
+    assert data["engines"]["tiny-gpt2/torch-reference/fp32"]["mode"].endswith("deterministic kernels")
 
 
 @pytest.mark.slow

@@ -1,25 +1,32 @@
 """The runner protocol every backend implements.
 
-``build()`` does the expensive one-off work (conversion, export, compilation),
-``infer(batch)`` returns the model output as an FP32 tensor on the engine's device,
-``close()`` releases everything.  Input checks live here, once, so that every
-backend refuses bad input with the same message; subclasses implement only the
-``_build``/``_infer``/``_close`` steps.  Runners never time themselves: ``perf/``
-does.
+``build()`` does the expensive one-off work (conversion, export, compilation) and
+ends with the engine's precision audit; ``prepare(batch)`` checks a batch once and
+stages it for the engine (on its device, in the form its runtime takes);
+``run(staged)`` is inference and nothing else (what ``perf/`` times);
+``infer(batch)`` is ``run(prepare(batch))``, the FP32 output on the engine's device;
+``info()`` and ``memory()`` are the facts reports and benchmarks record; ``close()``
+releases everything.  Subclasses implement ``_build``, ``_run`` and, where they
+need them, ``_stage``, ``_close``, ``_info`` and ``memory``.  Every runner is
+constructed the same way, ``Runner(model, policy, device, options)``, and no
+constructor changes process-wide state.  Runners never time themselves: ``perf/`` does.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from engines.batch import TokenBatch, validate_batch
-from engines.precision.audit import PrecisionAudit
 from engines.models import LoadedModel
+from engines.precision.audit import PrecisionAudit, raise_on_mismatch
 from engines.precision.policy import PrecisionPolicy
+
+if TYPE_CHECKING:
+    from engines.cache import EngineCache
 
 
 class BackendUnavailableError(RuntimeError):
@@ -36,22 +43,54 @@ def split_engine_name(name: str) -> tuple[str, str, str]:
     return model, backend, precision
 
 
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """What every runner is built with besides model, policy and device (from the engine factory)."""
+
+    cache: "EngineCache | None" = None  # where exported graphs and built engines are kept
+    compile_mode: str = "default"  # torch-compile's Inductor mode
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """The facts reports record about an engine."""
+
+    backend: str
+    runtime: str  # "torch 2.11.0", "onnxruntime 1.23.2", "TensorRT 10.13.0"
+    device: str
+    mode: str  # how it executes, in words
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "runtime": self.runtime, "device": self.device, "mode": self.mode, **self.details}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineMemory:
+    """Device memory an engine holds outside the torch allocator, by its runtime's own report.
+
+    ``perf/`` adds it to the allocator's peak: a TensorRT execution context and
+    deserialized plan live in memory the allocator never sees.
+    """
+
+    outside_allocator_bytes: int = 0
+    details: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
 class Runner(abc.ABC):
     """One engine: a model at one precision on one backend and device."""
 
     backend: ClassVar[str]
-    # Keyword arguments the runner takes from the session: "cache" (an EngineCache,
-    # for backends that build artifacts), "compile_mode" (torch.compile's mode).
-    session_options: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model: LoadedModel, policy: PrecisionPolicy, device: str) -> None:
+    def __init__(self, model: LoadedModel, policy: PrecisionPolicy, device: str, options: BuildOptions | None = None) -> None:
         self.model = model
         self.policy = policy
         self.device = torch.device(device)
+        self.options = options or BuildOptions()
         self.audit: PrecisionAudit | None = None
         # Device memory the torch allocator held for others when this engine was
         # built: perf/ subtracts it so that an engine's peak is its own, whatever
-        # ran before it in the session.
+        # ran before it in the session (engines.memory).
         self.foreign_device_bytes = 0
         self._built = False
         self._closed = False
@@ -63,17 +102,23 @@ class Runner(abc.ABC):
         return f"{self.model.name}/{self.backend}/{self.policy.name}"
 
     def build(self) -> "Runner":
+        """Build once; every engine ends its build with a precision audit that must pass."""
         if self._closed:
             raise RuntimeError(f"{self.name}: build() after close()")
         if not self._built:
             if self.device.type == "cuda":
-                self.foreign_device_bytes = int(torch.cuda.memory_allocated(self.device))
+                from engines.memory import release_shared_device_memory
+
+                self.foreign_device_bytes = release_shared_device_memory(self.device)
             self._build()
+            if not isinstance(self.audit, PrecisionAudit):
+                raise RuntimeError(f"{self.name}: the backend built no precision audit; every engine must prove its dtypes")
+            raise_on_mismatch(self.audit)
             self._built = True
         return self
 
-    def _check(self, batch: TokenBatch) -> None:
-        """Build on first use, then refuse input this model cannot take."""
+    def prepare(self, batch: TokenBatch) -> Any:
+        """Check ``batch`` once and stage it for :meth:`run` (on the device, in the runtime's form)."""
         if not self._built:
             self.build()
         validate_batch(
@@ -82,26 +127,19 @@ class Runner(abc.ABC):
             max_positions=self.model.max_positions,
             model_name=self.model.name,
         )
+        return self._stage(batch)
 
-    def infer(self, batch: TokenBatch) -> torch.Tensor:
-        """FP32 output [batch, sequence, features] on this engine's device."""
-        self._check(batch)
-        output = self._infer(batch)
-        if output.dtype != torch.float32:
-            output = output.float()
-        return output
-
-    def prepare(self, batch: TokenBatch) -> TokenBatch:
-        """Validate ``batch`` once and stage it on the engine's device, for :meth:`run`."""
-        self._check(batch)
-        return TokenBatch(batch.input_ids.to(self.device), batch.attention_mask.to(self.device), batch.source)
-
-    def run(self, prepared: TokenBatch) -> torch.Tensor:
-        """Inference on a batch from :meth:`prepare`: no checks, no host copies (what ``perf/`` times).
+    def run(self, staged: Any) -> torch.Tensor:
+        """Inference on what :meth:`prepare` staged: no checks, no host copies (what ``perf/`` times).
 
         Asynchronous on CUDA: the caller synchronizes before reading a clock.
         """
-        return self._infer(prepared)
+        return self._run(staged)
+
+    def infer(self, batch: TokenBatch) -> torch.Tensor:
+        """FP32 output [batch, sequence, features] on this engine's device."""
+        output = self.run(self.prepare(batch))
+        return output if output.dtype == torch.float32 else output.float()
 
     def close(self) -> None:
         if not self._closed:
@@ -112,9 +150,12 @@ class Runner(abc.ABC):
         """The largest (batch, sequence) this engine takes; None: no batch limit."""
         return (None, self.model.max_positions)
 
-    def describe(self) -> dict[str, Any]:
-        """Backend facts for reports: name, runtime version, device, mode."""
-        return {"backend": self.backend, "device": str(self.device)}
+    def info(self) -> EngineInfo:
+        return self._info()
+
+    def memory(self) -> EngineMemory:
+        """Device memory held outside the torch allocator (none, for engines that allocate through torch)."""
+        return EngineMemory()
 
     def __enter__(self) -> "Runner":
         return self.build()
@@ -124,10 +165,22 @@ class Runner(abc.ABC):
 
     # -- backend hooks -----------------------------------------------------------
     @abc.abstractmethod
-    def _build(self) -> None: ...
+    def _build(self) -> None:
+        """Build the engine and set ``self.audit``."""
+
+    def _stage(self, batch: TokenBatch) -> Any:
+        """Default staging: the batch's tensors on the engine's device."""
+        return TokenBatch(
+            batch.input_ids.to(self.device, non_blocking=True),
+            batch.attention_mask.to(self.device, non_blocking=True),
+            batch.source,
+        )
 
     @abc.abstractmethod
-    def _infer(self, batch: TokenBatch) -> torch.Tensor: ...
+    def _run(self, staged: Any) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def _info(self) -> EngineInfo: ...
 
     def _close(self) -> None:
         pass

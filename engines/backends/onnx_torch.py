@@ -19,22 +19,24 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from onnx import TensorProto
 from torch.nn import functional as F
 
-from engines.backends.base import Runner
+from engines.backends.base import EngineInfo, Runner
 
 from engines.batch import TokenBatch
+from engines.precision.policy import DTYPES, onnx_type, torch_dtype
 
+# ONNX element type -> torch dtype: the policy's float dtypes from the one dtype
+# table, plus the integer, boolean and FP64 types these graphs also carry.
 _ONNX_DTYPES = {
-    1: torch.float32,
-    2: torch.uint8,
-    3: torch.int8,
-    6: torch.int32,
-    7: torch.int64,
-    9: torch.bool,
-    10: torch.float16,
-    11: torch.float64,
-    16: torch.bfloat16,
+    **{onnx_type(name): torch_dtype(name) for name in DTYPES},
+    TensorProto.UINT8: torch.uint8,
+    TensorProto.INT8: torch.int8,
+    TensorProto.INT32: torch.int32,
+    TensorProto.INT64: torch.int64,
+    TensorProto.BOOL: torch.bool,
+    TensorProto.DOUBLE: torch.float64,
 }
 
 
@@ -292,8 +294,8 @@ class OnnxTorchProgram:
                 last_use[name] = index
         self._release = {i: [n for n, last in last_use.items() if last == i and n not in self.constants] for i in range(len(self.nodes))}
 
-    def _tensor(self, array: np.ndarray, onnx_type: int) -> torch.Tensor:
-        if onnx_type == 16:  # bfloat16: numpy holds the raw bits
+    def _tensor(self, array: np.ndarray, elem_type: int) -> torch.Tensor:
+        if elem_type == TensorProto.BFLOAT16:  # numpy holds the raw bits
             bits = np.ascontiguousarray(array).view(np.uint16).astype(np.int16)
             return torch.from_numpy(bits).view(torch.bfloat16).to(self.device)
         return torch.from_numpy(np.array(array, copy=True)).to(self.device)
@@ -323,40 +325,32 @@ class OnnxTorchRunner(Runner):
     """The policy's ONNX precision graph, executed node by node with torch."""
 
     backend: ClassVar[str] = "onnx-torch"
-    session_options: ClassVar[tuple[str, ...]] = ("cache",)
 
-    def __init__(self, model, policy, device: str, *, cache=None) -> None:
-        super().__init__(model, policy, device)
-        from engines.cache import EngineCache
-
-        self.cache = cache or EngineCache()
+    def __init__(self, model, policy, device: str, options=None) -> None:
+        super().__init__(model, policy, device, options)
         self.graph = None
+        self.program = None
 
     def _build(self) -> None:
+        from engines.cache import EngineCache
         from engines.graphs.export import load_graph
         from engines.graphs.precision_graph import precision_graph, verified_audit
 
-        self.graph = precision_graph(self.model, self.policy, self.cache)
+        self.graph = precision_graph(self.model, self.policy, self.options.cache or EngineCache())
         self.audit = verified_audit(self.graph, self.policy, engine=self.name)
         self.program = OnnxTorchProgram(load_graph(self.graph.path), self.device)
 
-    def _infer(self, batch: TokenBatch) -> torch.Tensor:
-        feeds = {
-            "input_ids": batch.input_ids.to(self.device),
-            "attention_mask": batch.attention_mask.to(self.device),
-        }
-        return self.program.run(feeds)["output"]
+    def _run(self, staged: TokenBatch) -> torch.Tensor:
+        return self.program.run({"input_ids": staged.input_ids, "attention_mask": staged.attention_mask})["output"]
 
     def _close(self) -> None:
         self.program = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "runtime": f"torch {torch.__version__} ONNX interpreter",
-            "device": str(self.device),
+    def _info(self) -> EngineInfo:
+        details = {
             "graph": str(self.graph.path) if self.graph else None,
             "graph_dtypes": self.graph.dtypes if self.graph else None,
         }
+        return EngineInfo(self.backend, f"torch {torch.__version__} ONNX interpreter", str(self.device), "node by node", details)

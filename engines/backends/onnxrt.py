@@ -11,12 +11,13 @@ graph's FP16 tensors, not FP16 arithmetic.  Reports say so.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from engines.backends.base import BackendUnavailableError, Runner
+from engines.backends.base import BackendUnavailableError, EngineInfo, Runner
 
 from engines.batch import TokenBatch
 
@@ -46,24 +47,36 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+@dataclasses.dataclass
+class BoundBatch:
+    """A batch bound to a session: its input tensors and the output tensor ORT writes into (kept alive here)."""
+
+    binding: Any
+    inputs: tuple[torch.Tensor, torch.Tensor]
+    output: torch.Tensor
+
+
 class OnnxRuntimeRunner(Runner):
+    """ONNX Runtime on the precision graph, inputs and output bound in place (IOBinding) on every device.
+
+    The same binding code serves the CPU and the CUDA provider (only the device
+    named in it differs), so the path the CPU tests run is the one a GPU runs.
+    """
+
     backend: ClassVar[str] = "onnxrt"
-    session_options: ClassVar[tuple[str, ...]] = ("cache",)
 
-    def __init__(self, model, policy, device: str, *, cache=None) -> None:
-        super().__init__(model, policy, device)
-        from engines.cache import EngineCache
-
-        self.cache = cache or EngineCache()
+    def __init__(self, model, policy, device: str, options=None) -> None:
+        super().__init__(model, policy, device, options)
         self.providers = providers_for(device)
         self.graph = None
         self.session = None
 
     def _build(self) -> None:
+        from engines.cache import EngineCache
         from engines.graphs.precision_graph import precision_graph, verified_audit
 
         ort = _onnxruntime()
-        self.graph = precision_graph(self.model, self.policy, self.cache)
+        self.graph = precision_graph(self.model, self.policy, self.options.cache or EngineCache())
         self.audit = verified_audit(self.graph, self.policy, engine=self.name)
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -80,24 +93,34 @@ class OnnxRuntimeRunner(Runner):
                 ) from exc
             raise
 
-    def _infer(self, batch: TokenBatch) -> torch.Tensor:
-        feeds = {"input_ids": batch.input_ids.numpy(), "attention_mask": batch.attention_mask.numpy()}
-        (output,) = self.session.run(["output"], feeds)
-        return torch.from_numpy(np.asarray(output, dtype=np.float32)).to(self.device)
+    def _stage(self, batch: TokenBatch) -> BoundBatch:
+        staged = super()._stage(batch)
+        ids, mask = staged.input_ids.contiguous(), staged.attention_mask.contiguous()
+        output = torch.empty((*ids.shape, self.model.output_width), dtype=torch.float32, device=self.device)
+        device_type, device_id = self.device.type, self.device.index or 0
+        binding = self.session.io_binding()
+        for name, tensor in (("input_ids", ids), ("attention_mask", mask)):
+            binding.bind_input(name, device_type, device_id, np.int64, tuple(tensor.shape), tensor.data_ptr())
+        binding.bind_output("output", device_type, device_id, np.float32, tuple(output.shape), output.data_ptr())
+        return BoundBatch(binding, (ids, mask), output)
+
+    def _run(self, staged: BoundBatch) -> torch.Tensor:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # ORT reads the inputs on its own stream
+        self.session.run_with_iobinding(staged.binding)
+        return staged.output
 
     def _close(self) -> None:
         self.session = None
 
-    def describe(self) -> dict[str, Any]:
+    def _info(self) -> EngineInfo:
         ort = _onnxruntime()
-        info = {
-            "backend": self.backend,
-            "runtime": f"onnxruntime {ort.__version__}",
+        details = {
             "provider": self.providers[0],
-            "device": str(self.device),
             "graph": str(self.graph.path) if self.graph else None,
             "graph_dtypes": self.graph.dtypes if self.graph else None,
         }
         if self.providers[0] == "CPUExecutionProvider" and self.policy.low_precision_dtypes:
-            info["note"] = CPU_NOTE
-        return info
+            details["note"] = CPU_NOTE
+        mode = f"{self.providers[0]}, basic graph optimizations, IOBinding"
+        return EngineInfo(self.backend, f"onnxruntime {ort.__version__}", str(self.device), mode, details)

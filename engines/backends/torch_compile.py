@@ -35,6 +35,8 @@ caches) under ``<engine cache>/torchinductor`` unless the user set
 from __future__ import annotations
 
 import bisect
+import contextlib
+import dataclasses
 import functools
 import os
 from typing import Any, ClassVar
@@ -44,11 +46,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from engines.precision.audit import FUSED_ATTENTION, note_reduction
+from engines.backends.base import EngineInfo
 from engines.batch import TokenBatch
 from engines.precision.policy import FLOAT32, PrecisionPolicy
 from engines.backends.torch_cudagraph import CapturedGraphs
 from engines.backends.torch_eager import TorchRunner
-from engines.precision.torch_apply import PolicyLinear, _additive_mask, _policy_mask, apply_policy, torch_dtype
+from engines.precision.torch_apply import (
+    DTYPES_ATTRIBUTE,
+    PolicyLinear,
+    _additive_mask,
+    _policy_mask,
+    apply_policy,
+    policy_attention,
+)
 
 FUSED_ATTENTION_NAME = "fidelity_policy_fused"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -81,8 +91,18 @@ def bucket_shape(shape: tuple[int, int], max_positions: int) -> tuple[int, int]:
 
 
 def fused_attention_allowed(policy: PrecisionPolicy) -> bool:
-    """The fused kernel computes softmax in FP32 from half GEMM inputs: only such a policy may use it."""
-    return not policy.strict_reductions and policy.softmax == FLOAT32 and policy.matmul != FLOAT32
+    """Whether any module may use the fused kernel, which computes softmax in FP32 from half GEMM inputs.
+
+    Decided per attention module at call time (:func:`fused_policy_attention`); a
+    policy file may give some layers another softmax or GEMM dtype.
+    """
+    if policy.strict_reductions:
+        return False
+    modules = [None] + [o.module for o in policy.overrides if o.module is not None]
+    return any(
+        policy.dtype_of("softmax", module=m) == FLOAT32 and policy.dtype_of("matmul", module=m) != FLOAT32
+        for m in modules
+    )
 
 
 # From this key length up, cuDNN's attention (with the mask as a bias) beat the
@@ -119,9 +139,11 @@ def fused_policy_attention(module, query, key, value, attention_mask, scaling=No
     operations/Attention; PyTorch's memory-efficient kernel, from xFormers'
     CUTLASS code, accumulates in float.)
     """
-    policy: PrecisionPolicy = module._fidelity_policy
-    matmul_dtype = torch_dtype(policy.matmul)
-    stream_dtype = torch_dtype(policy.elementwise)
+    dtypes = getattr(module, DTYPES_ATTRIBUTE)
+    matmul_dtype, stream_dtype = dtypes["matmul"], dtypes["elementwise"]
+    if dtypes["softmax"] != torch.float32 or matmul_dtype == torch.float32:
+        # This module's policy is not the kernel's arithmetic: the explicit attention.
+        return policy_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     note_reduction("matmul", matmul_dtype, FUSED_ATTENTION)
     note_reduction("softmax", torch.float32, FUSED_ATTENTION)
     batch, heads, q_len, _ = query.shape
@@ -248,9 +270,7 @@ def _allow_recompiles(count: int) -> None:
             setattr(dynamo_config, name, count)
 
 
-# Values this module wrote into the environment: an engine with another engine
-# cache replaces them, where a user's own setting is kept.
-_ASSIGNED_INDUCTOR_DIRS: set[str] = set()
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
 def _torch_default_inductor_dir() -> str | None:
@@ -265,43 +285,52 @@ def inductor_cache_dir(cache) -> str:
     """Where Inductor keeps compiled graphs: $TORCHINDUCTOR_CACHE_DIR if the user set it, else under the engine cache.
 
     Inductor writes its own default (``/tmp/torchinductor_<user>``) into the
-    environment the first time it looks, so a value equal to that default, or
-    one an earlier engine of this process wrote, is taken as unset.
+    environment the first time it looks, so a value equal to that default is taken
+    as unset.  Nothing is written here: :func:`inductor_cache` sets the variable
+    only while this engine compiles.
     """
-    configured = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if configured and configured != _torch_default_inductor_dir() and configured not in _ASSIGNED_INDUCTOR_DIRS:
+    configured = os.environ.get(INDUCTOR_CACHE_ENV)
+    if configured and configured != _torch_default_inductor_dir():
         return configured
     if cache is None:
         from engines.cache import default_cache_root
 
-        root = default_cache_root()
-    else:
-        root = cache.root
-    path = str(root / "torchinductor")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
-    _ASSIGNED_INDUCTOR_DIRS.add(path)
-    return path
+        return str(default_cache_root() / "torchinductor")
+    return str(cache.root / "torchinductor")
+
+
+@contextlib.contextmanager
+def inductor_cache(path: str):
+    """Inductor reads its cache folder from the environment when it compiles: set it for the block, then restore."""
+    previous = os.environ.get(INDUCTOR_CACHE_ENV)
+    os.environ[INDUCTOR_CACHE_ENV] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(INDUCTOR_CACHE_ENV, None)
+        else:
+            os.environ[INDUCTOR_CACHE_ENV] = previous
 
 
 class TorchCompileRunner(TorchRunner):
     backend: ClassVar[str] = "torch-compile"
-    session_options: ClassVar[tuple[str, ...]] = ("cache", "compile_mode")
 
-    def __init__(
-        self, model, policy, device: str, *, cache=None, compile_mode: str = "default", max_graphs: int = 16
-    ) -> None:
-        super().__init__(model, policy, device)
+    def __init__(self, model, policy, device: str, options=None, *, max_graphs: int = 16) -> None:
+        super().__init__(model, policy, device, options)
+        compile_mode = self.options.compile_mode
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"unknown torch.compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
-        self.mode = compile_mode
+        self.compile_mode = compile_mode
         self.max_graphs = max_graphs
-        self.cache_dir = inductor_cache_dir(cache)
+        self.cache_dir = inductor_cache_dir(self.options.cache)
         self.fused_attention = self.device.type == "cuda" and fused_attention_allowed(policy)
         self.compiled = None
         self.fused_qkv_layers = 0
         self.padded_projections = 0
         self.cudnn_attention = False
         self._graphs: CapturedGraphs | None = None
+        self._compiled_buckets: set[tuple[int, int]] = set()
 
     def _make_module(self) -> nn.Module:
         module = apply_policy(self.model.module, self.policy)
@@ -321,7 +350,7 @@ class TorchCompileRunner(TorchRunner):
         # Static shapes: dynamic=True was tried on the H100 and Dynamo still
         # recompiled per sequence bucket (the mask code specializes on it), each
         # compile 2-3x slower than a static one.
-        self.compiled = torch.compile(self.forward, options=dict(COMPILE_MODES[self.mode]), dynamic=False)
+        self.compiled = torch.compile(self.forward, options=dict(COMPILE_MODES[self.compile_mode]), dynamic=False)
         if self.device.type == "cuda":
             self._graphs = CapturedGraphs(self.compiled, self.device, self.max_graphs)
 
@@ -338,17 +367,25 @@ class TorchCompileRunner(TorchRunner):
         mask[: shape[0], : shape[1]] = batch.attention_mask
         return TokenBatch(ids, mask, batch.source)
 
+    def _stage(self, batch: TokenBatch) -> tuple[TokenBatch, tuple[int, int]]:
+        """The batch on the device, padded to its bucket, with the rows and length to cut the output back to."""
+        return self.padded(super()._stage(batch)), batch.shape
+
     @torch.inference_mode()
-    def _infer(self, batch: TokenBatch) -> torch.Tensor:
-        rows, length = batch.shape
-        ids = batch.input_ids.to(self.device, non_blocking=True)
-        mask = batch.attention_mask.to(self.device, non_blocking=True)
-        padded = self.padded(TokenBatch(ids, mask, batch.source))
-        if self._graphs is None:  # the CPU: no graphs to capture
-            output = self.compiled(padded.input_ids, padded.attention_mask)
-        else:
-            output = self._graphs.run(padded)
+    def _run(self, staged: tuple[TokenBatch, tuple[int, int]]) -> torch.Tensor:
+        padded, (rows, length) = staged
+        if padded.shape in self._compiled_buckets:
+            output = self._execute(padded)
+        else:  # the first call at this bucket compiles: in this engine's cache folder
+            with inductor_cache(self.cache_dir):
+                output = self._execute(padded)
+            self._compiled_buckets.add(padded.shape)
         return output[:rows, :length].float()
+
+    def _execute(self, padded: TokenBatch) -> torch.Tensor:
+        if self._graphs is None:  # the CPU: no graphs to capture
+            return self.compiled(padded.input_ids, padded.attention_mask)
+        return self._graphs.run(padded)
 
     def _close(self) -> None:
         if self._graphs is not None:
@@ -361,17 +398,16 @@ class TorchCompileRunner(TorchRunner):
         torch.compiler.reset()
         super()._close()
 
-    def describe(self) -> dict[str, Any]:
+    def _info(self) -> EngineInfo:
         attention = "explicit policy attention"
         if self.fused_attention:
             attention = "memory-efficient attention kernel" + (
                 f" (cuDNN attention from {CUDNN_MIN_KEY_LENGTH} keys)" if self.cudnn_attention else ""
             ) + ", FP32 softmax inside"
         graphs = f", CUDA graph per bucket (max {self.max_graphs} cached)" if self.device.type == "cuda" else ""
-        return dict(
-            super().describe(),
-            mode=f"torch.compile mode={self.mode}, static shapes padded to buckets{graphs}; {attention}"
+        mode = (
+            f"torch.compile mode={self.compile_mode}, static shapes padded to buckets{graphs}; {attention}"
             + (f"; Q|K|V as one GEMM in {self.fused_qkv_layers} layers" if self.fused_qkv_layers else "")
-            + (f"; {self.padded_projections} unaligned projection(s) padded to 64" if self.padded_projections else ""),
-            inductor_cache=self.cache_dir,
+            + (f"; {self.padded_projections} unaligned projection(s) padded to 64" if self.padded_projections else "")
         )
+        return dataclasses.replace(super()._info(), mode=mode, details={"inductor_cache": self.cache_dir})

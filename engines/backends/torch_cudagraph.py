@@ -9,11 +9,12 @@ Graphs share one memory pool; the least recently used one is dropped beyond
 from __future__ import annotations
 
 import collections
-from typing import Any, ClassVar
+import dataclasses
+from typing import ClassVar
 
 import torch
 
-from engines.backends.base import BackendUnavailableError
+from engines.backends.base import BackendUnavailableError, EngineInfo
 
 from engines.batch import TokenBatch
 from engines.backends.torch_eager import TorchRunner
@@ -74,8 +75,8 @@ class CapturedGraphs:
 class TorchCudaGraphRunner(TorchRunner):
     backend: ClassVar[str] = "torch-cudagraph"
 
-    def __init__(self, model, policy, device: str, max_graphs: int = 8) -> None:
-        super().__init__(model, policy, device)
+    def __init__(self, model, policy, device: str, options=None, *, max_graphs: int = 8) -> None:
+        super().__init__(model, policy, device, options)
         if self.device.type != "cuda":
             raise BackendUnavailableError(f"{self.backend} needs a CUDA device, got {self.device}")
         self.max_graphs = max_graphs
@@ -86,8 +87,8 @@ class TorchCudaGraphRunner(TorchRunner):
         self._graphs = CapturedGraphs(self.forward, self.device, self.max_graphs)
 
     @torch.inference_mode()
-    def _infer(self, batch: TokenBatch) -> torch.Tensor:
-        return self._graphs.run(batch).float()
+    def _run(self, staged: TokenBatch) -> torch.Tensor:
+        return self._graphs.run(staged).float()
 
     def _close(self) -> None:
         if self._graphs is not None:
@@ -95,5 +96,5 @@ class TorchCudaGraphRunner(TorchRunner):
         self._graphs = None
         super()._close()
 
-    def describe(self) -> dict[str, Any]:
-        return dict(super().describe(), mode=f"CUDA graph per shape (max {self.max_graphs} cached)")
+    def _info(self) -> EngineInfo:
+        return dataclasses.replace(super()._info(), mode=f"CUDA graph per shape (max {self.max_graphs} cached)")

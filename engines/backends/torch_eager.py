@@ -2,51 +2,18 @@
 
 from __future__ import annotations
 
-import copy
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from engines.precision.audit import DtypeAudit, check_policy, raise_on_mismatch
-from engines.backends.base import Runner
+from engines.backends.base import EngineInfo, Runner
 from engines.batch import TokenBatch
-from engines.env import tf32_enabled
+from engines.models import OutputForward, unmodified_copy
+from engines.numerics import REFERENCE_NUMERICS, applied, tf32_enabled
+from engines.precision.audit import DtypeAudit, check_policy
 from engines.precision.policy import REFERENCE_POLICY
 from engines.precision.torch_apply import apply_policy
-
-
-class OutputForward(nn.Module):
-    """``(input_ids, attention_mask) -> tensor``: the one output a model is compared on.
-
-    BERT-family models give ``last_hidden_state``, GPT-2 gives ``logits`` (no KV
-    cache).  The ONNX export wraps the same module, so every backend sees the
-    same graph.
-    """
-
-    def __init__(self, model: nn.Module, output_name: str, causal: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.output_name = output_name
-        self.causal = causal
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "return_dict": True}
-        if self.causal:
-            kwargs["use_cache"] = False
-        return getattr(self.model(**kwargs), self.output_name)
-
-
-def unmodified_copy(model: nn.Module) -> nn.Module:
-    """A copy of the FP32 transformers model with its own eager attention: the reference's code."""
-    module = copy.deepcopy(model)
-    module.set_attn_implementation("eager")
-    return module.eval()
-
-
-def reference_forward(model) -> OutputForward:
-    """The FP32 reference as ``(input_ids, attention_mask) -> output``; what the ONNX export wraps too."""
-    return OutputForward(unmodified_copy(model.module), model.spec.output_name, model.spec.causal).eval()
 
 
 def probe_batch(vocab_size: int, special_ids: tuple[int, ...], pad_id: int) -> TokenBatch:
@@ -65,6 +32,7 @@ class TorchRunner(Runner):
     """Eager PyTorch with the model rewritten by :func:`apply_policy`."""
 
     backend: ClassVar[str] = "torch"
+    mode: ClassVar[str] = "eager"
 
     def _make_module(self) -> nn.Module:
         return apply_policy(self.model.module, self.policy)
@@ -73,12 +41,12 @@ class TorchRunner(Runner):
         module = self._make_module().to(self.device)
         self.forward = OutputForward(module, self.model.spec.output_name, self.model.spec.causal).eval()
         self.audit = self._run_audit()
-        raise_on_mismatch(self.audit)
 
     def _run_audit(self):
         probe = probe_batch(self.model.vocab_size, self.model.special_token_ids, self.model.pad_token_id)
         audit = DtypeAudit()
-        with torch.inference_mode(), audit.watching(self.forward):
+        # Module paths as inside the transformers model, as policy overrides name them.
+        with torch.inference_mode(), audit.watching(self.forward.model):
             self.forward(probe.input_ids.to(self.device), probe.attention_mask.to(self.device))
         return check_policy(
             audit.records,
@@ -88,33 +56,34 @@ class TorchRunner(Runner):
         )
 
     @torch.inference_mode()
-    def _infer(self, batch: TokenBatch) -> torch.Tensor:
-        ids = batch.input_ids.to(self.device, non_blocking=True)
-        mask = batch.attention_mask.to(self.device, non_blocking=True)
-        return self.forward(ids, mask).float()
+    def _run(self, staged: TokenBatch) -> torch.Tensor:
+        return self.forward(staged.input_ids, staged.attention_mask).float()
 
     def _close(self) -> None:
         self.forward = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "runtime": f"torch {torch.__version__}",
-            "device": str(self.device),
-            "mode": "eager",
-        }
+    def _info(self) -> EngineInfo:
+        return EngineInfo(self.backend, f"torch {torch.__version__}", str(self.device), self.mode)
+
+
+class ReferenceNotReproducibleError(RuntimeError):
+    """The FP32 reference gave two different outputs for one input."""
 
 
 class TorchReferenceRunner(TorchRunner):
-    """The FP32 reference: the unmodified Hugging Face model, eager attention, TF32 off.
+    """The FP32 reference: the unmodified Hugging Face model, eager attention, TF32 off, deterministic kernels.
 
     It deliberately does not go through :func:`apply_policy`, so the ``torch/fp32``
-    engine, which does, is checked against code it does not share.
+    engine, which does, is checked against code it does not share.  Every call runs
+    under :data:`engines.numerics.REFERENCE_NUMERICS`, whatever the engines under
+    test use, and the build proves the reference reproducible: the probe batch twice,
+    bitwise identical.
     """
 
     backend: ClassVar[str] = "torch-reference"
+    mode: ClassVar[str] = "eager, unmodified transformers model, deterministic kernels"
 
     def __init__(self, model, device: str, policy=REFERENCE_POLICY) -> None:
         if not policy.is_reference:
@@ -124,5 +93,18 @@ class TorchReferenceRunner(TorchRunner):
     def _make_module(self) -> nn.Module:
         return unmodified_copy(self.model.module)
 
-    def describe(self) -> dict[str, Any]:
-        return dict(super().describe(), mode="eager, unmodified transformers model")
+    def _build(self) -> None:
+        with applied(REFERENCE_NUMERICS):
+            super()._build()
+            probe = probe_batch(self.model.vocab_size, self.model.special_token_ids, self.model.pad_token_id)
+            staged = self._stage(probe)
+            first, second = self._run(staged), self._run(staged)
+        if not torch.equal(first, second):
+            raise ReferenceNotReproducibleError(
+                f"{self.model.name}: the FP32 reference gave two different outputs for one batch on {self.device} "
+                f"(max difference {float((first - second).abs().max()):.3g}); its results cannot be a reference here"
+            )
+
+    def _run(self, staged: TokenBatch) -> torch.Tensor:
+        with applied(REFERENCE_NUMERICS):
+            return super()._run(staged)

@@ -28,8 +28,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from engines.precision.audit import PrecisionAudit, PrecisionMismatchError
-from engines.backends.base import BackendUnavailableError, Runner
+from engines.precision.audit import PrecisionMismatchError
+from engines.precision.policy import DTYPES, OP_CLASSES
+from engines.backends.base import BackendUnavailableError, EngineInfo, EngineMemory, Runner
 from engines.batch import InvalidInputError, TokenBatch
 
 REQUIRES = "tensorrt>=10"
@@ -39,7 +40,6 @@ INSTALL_HINT = (
 )
 ENGINE_FILE = "engine.plan"
 BUILD_LOG_FILE = "build.log"
-_DATATYPE_WORDS = {"float32": ("FP32", "Float"), "float16": ("FP16", "Half"), "bfloat16": ("BF16",)}
 
 
 def import_tensorrt():
@@ -112,20 +112,24 @@ class _FileLogger:
 
 
 def check_network_types(network, policy, trt) -> list[str]:
-    """Problems with the parsed network's compute layers against the policy (before the build)."""
+    """Problems with the parsed network's compute layers against the policy (before the build).
+
+    Layer types per op class come from the op-class table; TensorRT dtypes from the dtype table.
+    """
     wanted = {
-        trt.LayerType.MATRIX_MULTIPLY: ("matmul", policy.matmul),
-        trt.LayerType.SOFTMAX: ("softmax", policy.softmax),
-        trt.LayerType.NORMALIZATION: ("layernorm", policy.layernorm),
+        getattr(trt.LayerType, layer_type): op_class.name
+        for op_class in OP_CLASSES.values()
+        for layer_type in op_class.trt_layers
     }
-    names = {"float32": trt.DataType.FLOAT, "float16": trt.DataType.HALF, "bfloat16": trt.DataType.BF16}
+    names = {name: getattr(trt.DataType, dtype.trt) for name, dtype in DTYPES.items()}
     problems = []
     seen = set()
     for index in range(network.num_layers):
         layer = network.get_layer(index)
         if layer.type not in wanted:
             continue
-        op_class, dtype = wanted[layer.type]
+        op_class = wanted[layer.type]
+        dtype = policy.dtype_of(op_class, node=layer.name)
         seen.add(op_class)
         got = layer.get_input(0).dtype
         if got != names[dtype]:
@@ -151,7 +155,7 @@ def check_engine_types(info: dict, policy) -> list[str]:
     words = inspector_datatypes(info)
     problems = []
     for dtype in policy.low_precision_dtypes:
-        if not words & set(_DATATYPE_WORDS[dtype]):
+        if not words & set(DTYPES[dtype].inspector_words):
             problems.append(
                 f"the built engine shows no {dtype} tensor formats (found {sorted(words) or 'none'}): "
                 "it did not build in the precision its graph asks for"
@@ -163,21 +167,20 @@ def check_engine_types(info: dict, policy) -> list[str]:
 
 class TensorRTRunner(Runner):
     backend: ClassVar[str] = "trt"
-    session_options: ClassVar[tuple[str, ...]] = ("cache",)
 
-    def __init__(self, model, policy, device: str, *, cache=None, options: BuilderOptions | None = None) -> None:
-        super().__init__(model, policy, device)
+    def __init__(self, model, policy, device: str, options=None, *, builder: BuilderOptions | None = None) -> None:
+        super().__init__(model, policy, device, options)
         self.trt = import_tensorrt()
         if self.device.type != "cuda":
             raise BackendUnavailableError(f"TensorRT needs a CUDA device, got {self.device}")
         from engines.cache import EngineCache
 
-        self.cache = cache or EngineCache()
-        self.options = options or BuilderOptions()
-        self.profile = self.options.profile.clipped(model.max_positions)
+        self.cache = self.options.cache or EngineCache()
+        self.builder = builder or BuilderOptions()
+        self.profile = self.builder.profile.clipped(model.max_positions)
         self.engine = None
         self.context = None
-        self.memory: dict[str, int] = {}
+        self._memory = EngineMemory()
 
     def input_limits(self) -> tuple[int, int]:
         return self.profile.max
@@ -191,7 +194,7 @@ class TensorRTRunner(Runner):
             "graph": graph.digest,
             "tensorrt": self.trt.__version__,
             **gpu_identity(self.device),
-            "builder": dataclasses.replace(self.options, profile=self.profile).as_key(),
+            "builder": dataclasses.replace(self.builder, profile=self.profile).as_key(),
         }
 
     def _timing_cache_path(self) -> Path:
@@ -216,8 +219,8 @@ class TensorRTRunner(Runner):
             if problems:
                 raise PrecisionMismatchError(f"{self.name}: the parsed network does not follow the policy: " + "; ".join(problems))
             config = builder.create_builder_config()
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.options.workspace_bytes)
-            config.builder_optimization_level = self.options.builder_optimization_level
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.builder.workspace_bytes)
+            config.builder_optimization_level = self.builder.builder_optimization_level
             config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
             config.clear_flag(trt.BuilderFlag.TF32)  # policy FP32 means IEEE FP32
             profile = builder.create_optimization_profile()
@@ -265,24 +268,24 @@ class TensorRTRunner(Runner):
         inspector.execution_context = self.context
         info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
         problems = check_engine_types(info, self.policy)
-        self.audit = PrecisionAudit(
-            engine=self.name,
-            policy=self.policy.name,
-            counts=dict(graph_audit.counts, **{f"engine-format:{w}": 1 for w in sorted(inspector_datatypes(info))}),
-            problems=problems,
+        self.audit = dataclasses.replace(
+            graph_audit,
+            method=graph_audit.method + "; the TensorRT network's layers before the build; the engine inspector after it",
+            problems=graph_audit.problems + problems,
+            details=dict(graph_audit.details, engine_formats=sorted(inspector_datatypes(info))),
         )
-        if problems:
-            raise PrecisionMismatchError(f"{self.name}: " + "; ".join(problems))
-        self.memory = {
-            "device_memory_bytes": int(self.engine.device_memory_size_v2),
-            "plan_bytes": entry.file(ENGINE_FILE).stat().st_size,
-        }
+        device_bytes = int(self.engine.device_memory_size_v2)
+        plan_bytes = entry.file(ENGINE_FILE).stat().st_size
+        self._memory = EngineMemory(device_bytes + plan_bytes, {"device_memory_bytes": device_bytes, "plan_bytes": plan_bytes})
 
     # -- run ---------------------------------------------------------------------
-    def _infer(self, batch: TokenBatch) -> torch.Tensor:
+    def _stage(self, batch: TokenBatch) -> TokenBatch:
         self.profile.check(batch.shape, self.name)
-        ids = batch.input_ids.to(self.device).contiguous()
-        mask = batch.attention_mask.to(self.device).contiguous()
+        staged = super()._stage(batch)
+        return TokenBatch(staged.input_ids.contiguous(), staged.attention_mask.contiguous(), staged.source)
+
+    def _run(self, staged: TokenBatch) -> torch.Tensor:
+        ids, mask = staged.input_ids, staged.attention_mask
         for name, tensor in (("input_ids", ids), ("attention_mask", mask)):
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
@@ -298,11 +301,14 @@ class TensorRTRunner(Runner):
         self.context = None
         self.engine = None
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "runtime": f"TensorRT {self.trt.__version__}",
-            "device": str(self.device),
-            "profile": dataclasses.asdict(self.profile),
-            **self.memory,
-        }
+    def memory(self) -> EngineMemory:
+        return self._memory
+
+    def _info(self) -> EngineInfo:
+        return EngineInfo(
+            self.backend,
+            f"TensorRT {self.trt.__version__}",
+            str(self.device),
+            "strongly typed network from the precision graph, one optimization profile",
+            {"profile": dataclasses.asdict(self.profile)},
+        )

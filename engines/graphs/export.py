@@ -1,6 +1,6 @@
 """Export a registered model to FP32 ONNX, and check the export against PyTorch.
 
-The exported module is :class:`engines.backends.torch_eager.OutputForward` around the
+The exported module is :class:`engines.models.OutputForward` around the
 unmodified transformers model with eager attention: ``(input_ids,
 attention_mask) -> output``, int64 inputs, dynamic batch and sequence axes,
 ``use_cache=False`` for GPT-2.  The dynamo exporter needs opset >= 18 (its
@@ -73,7 +73,7 @@ def check_batch(model: LoadedModel) -> TokenBatch:
 
 def export_fp32(model: LoadedModel, folder: Path) -> Path:
     """Write ``folder/model.onnx`` (+ external data) for ``model`` in FP32."""
-    from engines.backends.torch_eager import reference_forward
+    from engines.models import reference_forward
 
     folder.mkdir(parents=True, exist_ok=True)
     forward = reference_forward(model)
@@ -104,7 +104,7 @@ def verify_export(model: LoadedModel, path: Path, *, forward=None) -> float:
     """Run the exported graph in onnxruntime (CPU) and compare with PyTorch FP32; return the cosine."""
     import onnxruntime as ort
 
-    from engines.backends.torch_eager import reference_forward
+    from engines.models import reference_forward
 
     if forward is None:
         forward = reference_forward(model)

@@ -10,16 +10,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 from engines.cache import CacheEntry, EngineCache
 from engines.models import LoadedModel
 from engines.graphs.export import GRAPH_FILE, export_fp32, export_key, load_graph
-from engines.precision.onnx_convert import CONVERTER_VERSION, check_graph_policy, convert_graph
+from engines.precision.audit import PrecisionAudit
+from engines.precision.onnx_convert import CONVERTER_VERSION, audit_graph, check_graph_policy, convert_graph
 from engines.precision.policy import PrecisionPolicy
 
-log = logging.getLogger("fidelity.onnx")
 DTYPES_FILE = "dtypes.json"
 
 
@@ -46,7 +45,7 @@ def precision_graph(model: LoadedModel, policy: PrecisionPolicy, cache: EngineCa
         "artifact": "onnx-precision",
         "model": model.name,
         "policy": policy.name,
-        "policy_summary": policy.summary(),
+        "policy_fingerprint": policy.fingerprint,
         "source_export": source.key,
         "converter": CONVERTER_VERSION,
         "onnx": onnx.__version__,
@@ -80,13 +79,8 @@ def _digest_of(entry: CacheEntry) -> str:
     return hashlib.sha256(json.dumps(graph_files, sort_keys=True).encode()).hexdigest()
 
 
-def verified_audit(graph: PrecisionGraph, policy: PrecisionPolicy, *, engine: str):
-    """Re-read a (possibly cached) precision graph and prove its dtypes again; the engine's audit."""
+def verified_audit(graph: PrecisionGraph, policy: PrecisionPolicy, *, engine: str) -> PrecisionAudit:
+    """Re-read a (possibly cached) precision graph and prove its dtypes again: the ONNX engines' audit."""
     import onnx
 
-    from engines.precision.audit import PrecisionAudit
-
-    structure = onnx.load(str(graph.path), load_external_data=False)
-    dtypes = check_graph_policy(structure, policy)
-    counts = {f"{op}:{dtype}": n for op, per_dtype in dtypes.items() for dtype, n in per_dtype.items()}
-    return PrecisionAudit(engine=engine, policy=policy.name, counts=counts, problems=[])
+    return audit_graph(onnx.load(str(graph.path), load_external_data=False), policy, engine=engine)

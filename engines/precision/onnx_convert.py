@@ -26,30 +26,37 @@ back and prove that each op computes in the dtype the policy asks for.
 
 from __future__ import annotations
 
+import ast
 import collections
 import dataclasses
 
 import numpy as np
+from onnx import TensorProto
 
-from engines.precision.policy import PrecisionPolicy
+from engines.models import OutputForward
+from engines.precision.audit import PrecisionAudit, tally
+from engines.precision.policy import (
+    DTYPES,
+    PolicyError,
+    PrecisionPolicy,
+    checked_classes,
+    dtype_of_onnx_type,
+    onnx_type,
+    op_class_of_onnx_op,
+)
 
 # Bumped whenever converted graphs change, so cached ones are rebuilt.
 #   2: BF16 constants clamped to BF16's finite range (v1 turned the mask fill into -inf).
-CONVERTER_VERSION = 2
+#   3: per-node dtypes from the module a node came from (policy-file overrides); the
+#      decomposed ops of strict policies keep their source node's metadata.
+CONVERTER_VERSION = 3
 TAG_PREFIX = "fidelity."  # node-name prefix naming the op class of decomposed ops
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # torch.onnx (dynamo) metadata: the module stack of a node
+SOURCE_NODE_KEY = "fidelity.source_node"  # on decomposed ops: the node they replaced
 
-_DTYPE_TO_ONNX = {"float32": 1, "float16": 10, "bfloat16": 16}
-_ONNX_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ONNX.items()}
-FLOAT_TYPES = frozenset(_ONNX_TO_DTYPE)
+FLOAT_TYPES = frozenset(onnx_type(d) for d in DTYPES)
 
-# Op types per behaviour.  Compute ops take their class from engines.precision.
-MATMUL_OPS = frozenset({"MatMul", "Gemm"})
-SOFTMAX_OPS = frozenset({"Softmax"})
-LAYERNORM_OPS = frozenset({"LayerNormalization"})
-ELEMENTWISE_OPS = frozenset(
-    {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Exp", "Neg", "Reciprocal", "Where",
-     "ReduceMean", "ReduceMax", "ReduceSum", "Max", "Min", "Relu", "Sigmoid", "Abs", "Clip"}
-)
+# Non-compute op types by behaviour; compute ops take their class from the op-class table.
 LAYOUT_OPS = frozenset(
     {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Gather", "GatherElements",
      "GatherND", "Expand", "Identity", "Flatten", "Tile"}
@@ -77,15 +84,76 @@ def op_class_of(node) -> str | None:
     if node.name.startswith(TAG_PREFIX):
         tagged = node.name[len(TAG_PREFIX) :].split("/", 1)[0]
         return None if tagged == "cast" else tagged
-    if node.op_type in MATMUL_OPS:
-        return "matmul"
-    if node.op_type in SOFTMAX_OPS:
-        return "softmax"
-    if node.op_type in LAYERNORM_OPS:
-        return "layernorm"
-    if node.op_type in ELEMENTWISE_OPS:
-        return "elementwise"
+    return op_class_of_onnx_op(node.op_type)
+
+
+def module_path_of(node) -> str | None:
+    """The path, inside the transformers model, of the module a node was exported from; None if unknown.
+
+    torch.onnx's dynamo exporter stores the module stack of every node as metadata
+    (``['', 'model', 'model.encoder', ..., 'model.encoder.layer.0.output.dense', 'linear_5']``):
+    the deepest module is the one before the op's own name, and the exported wrapper's
+    attribute (:attr:`engines.models.OutputForward.MODEL_ATTRIBUTE`) is its prefix.
+    Graphs from elsewhere (a user's ONNX file) have none: only node overrides apply there.
+    """
+    for prop in node.metadata_props:
+        if prop.key != NAME_SCOPES_KEY:
+            continue
+        try:
+            scopes = ast.literal_eval(prop.value)
+        except (ValueError, SyntaxError):
+            return None
+        modules = [s for s in scopes[:-1] if s]
+        if not modules:
+            return None
+        prefix = OutputForward.MODEL_ATTRIBUTE
+        deepest = modules[-1]
+        if deepest == prefix:
+            return None
+        return deepest.removeprefix(f"{prefix}.")
     return None
+
+
+def node_dtype(policy: PrecisionPolicy, op_class: str, node) -> str:
+    """The dtype ``node`` (of ``op_class``) must compute in under ``policy``."""
+    return policy.dtype_of(op_class, module=module_path_of(node), node=_source_name(node))
+
+
+def _source_name(node) -> str:
+    """A decomposed op answers to the node it replaced."""
+    for prop in node.metadata_props:
+        if prop.key == SOURCE_NODE_KEY:
+            return prop.value
+    return node.name
+
+
+def _tagged(new_nodes, source) -> list:
+    """``new_nodes`` carrying ``source``'s metadata (module scope) and name, for overrides."""
+    for new in new_nodes:
+        for prop in source.metadata_props:
+            new.metadata_props.add(key=prop.key, value=prop.value)
+        new.metadata_props.add(key=SOURCE_NODE_KEY, value=source.name)
+    return new_nodes
+
+
+def check_graph_overrides(model, policy: PrecisionPolicy) -> None:
+    """Refuse overrides this graph cannot honour: node names it lacks, or module paths without module metadata."""
+    if not policy.overrides:
+        return
+    nodes = [n.name for n in model.graph.node]
+    modules = {m for m in (module_path_of(n) for n in model.graph.node) if m}
+    problems = [o.describe() for o in policy.unmatched_overrides(nodes=nodes) if o.node is not None]
+    if not modules:
+        problems += [
+            f"{o.describe()} (this graph carries no module names: it was not exported by this suite)"
+            for o in policy.overrides
+            if o.module is not None
+        ]
+    if problems:
+        raise PolicyError(
+            f"policy {policy.name!r} ({policy.source}): override(s) {'; '.join(problems)} match nothing in this "
+            f"ONNX graph; node names look like {nodes[min(3, len(nodes) - 1)]!r}"
+        )
 
 
 # --- decomposition for strict reductions --------------------------------------------------
@@ -113,7 +181,7 @@ def _decompose(model) -> None:
                 numpy_helper.from_array(np.array(2.0, dtype=np.float32), f"{tag}/two"),
             ]
             names = {k: f"{tag}/{k}" for k in ("mean", "centered", "squared", "variance", "shifted", "std", "normed", "scaled")}
-            nodes += [
+            decomposed = [
                 helper.make_node("ReduceMean", [x, axes], [names["mean"]], name=f"{tag}/mean", keepdims=1),
                 helper.make_node("Sub", [x, names["mean"]], [names["centered"]], name=f"{tag}/sub"),
                 helper.make_node("Pow", [names["centered"], f"{tag}/two"], [names["squared"]], name=f"{tag}/pow"),
@@ -123,24 +191,25 @@ def _decompose(model) -> None:
                 helper.make_node("Div", [names["centered"], names["std"]], [names["normed"]], name=f"{tag}/div"),
             ]
             if bias:
-                nodes += [
+                decomposed += [
                     helper.make_node("Mul", [names["normed"], scale], [names["scaled"]], name=f"{tag}/scale"),
                     helper.make_node("Add", [names["scaled"], bias], [node.output[0]], name=f"{tag}/bias"),
                 ]
             else:
-                nodes.append(helper.make_node("Mul", [names["normed"], scale], [node.output[0]], name=f"{tag}/scale"))
+                decomposed.append(helper.make_node("Mul", [names["normed"], scale], [node.output[0]], name=f"{tag}/scale"))
+            nodes += _tagged(decomposed, node)
         elif node.op_type == "Softmax":
             tag = f"{TAG_PREFIX}softmax/{index}"
             axes = f"{tag}/axes"
             extra_inits.append(numpy_helper.from_array(np.array([axis], dtype=np.int64), axes))
             x = node.input[0]
-            nodes += [
+            nodes += _tagged([
                 helper.make_node("ReduceMax", [x, axes], [f"{tag}/max"], name=f"{tag}/max", keepdims=1),
                 helper.make_node("Sub", [x, f"{tag}/max"], [f"{tag}/shifted"], name=f"{tag}/sub"),
                 helper.make_node("Exp", [f"{tag}/shifted"], [f"{tag}/exp"], name=f"{tag}/exp"),
                 helper.make_node("ReduceSum", [f"{tag}/exp", axes], [f"{tag}/sum"], name=f"{tag}/sum", keepdims=1),
                 helper.make_node("Div", [f"{tag}/exp", f"{tag}/sum"], [node.output[0]], name=f"{tag}/div"),
-            ]
+            ], node)
         else:
             nodes.append(node)
     del graph.node[:]
@@ -212,10 +281,12 @@ def _to_dtype(array: np.ndarray, dtype: str, stats: ConversionStats) -> np.ndarr
 def convert_graph(fp32_model, policy: PrecisionPolicy):
     """A new ONNX model computing as ``policy`` says; FP32 in/out. Returns ``(model, stats)``."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     model = onnx.ModelProto()
     model.CopyFrom(fp32_model)
+    check_graph_overrides(model, policy)
+    stream = onnx_type(policy.dtype_of("elementwise"))
     stats = ConversionStats()
     if policy.strict_reductions:
         _decompose(model)
@@ -235,7 +306,7 @@ def convert_graph(fp32_model, policy: PrecisionPolicy):
         key = (name, target)
         if key in cast_cache:
             return cast_cache[key]
-        suffix = _ONNX_TO_DTYPE[target]
+        suffix = dtype_of_onnx_type(target)
         new = f"{name}__{suffix}"
         if name in constants:
             array = _to_dtype(constants[name], suffix, stats)
@@ -256,7 +327,7 @@ def convert_graph(fp32_model, policy: PrecisionPolicy):
             continue
         op_class = op_class_of(node)
         if op_class is not None:
-            target = _DTYPE_TO_ONNX[policy.dtype_of(op_class)]
+            target = onnx_type(node_dtype(policy, op_class, node))
             data_inputs = float_inputs
             if node.op_type == "Where":
                 data_inputs = [i for i in float_inputs if i != 0]
@@ -267,13 +338,13 @@ def convert_graph(fp32_model, policy: PrecisionPolicy):
             # stored in the residual-stream dtype rather than cast at run time.
             data = node.input[0]
             if data in constants:
-                target = _DTYPE_TO_ONNX[policy.elementwise]
+                target = stream
                 node.input[0] = converted_name(data, target)
             target = dtype_of.get(node.input[0], TensorProto.FLOAT)
             for i in float_inputs[1:]:
                 node.input[i] = converted_name(node.input[i], target)
         elif node.op_type in SOURCE_OPS:
-            target = _DTYPE_TO_ONNX[policy.elementwise]
+            target = stream
             if node.op_type == "Cast" and float_outputs:
                 for attr in node.attribute:
                     if attr.name == "to":
@@ -288,7 +359,8 @@ def convert_graph(fp32_model, policy: PrecisionPolicy):
         else:
             raise UnsupportedOpError(
                 f"the precision converter does not know how to place {node.op_type!r} (node {node.name!r}); "
-                "add it to engines/onnx_precision.py (its op class in engines/precision.py)"
+                "add its op class to OP_CLASSES in engines/precision/policy.py, or its behaviour to "
+                "engines/precision/onnx_convert.py"
             )
         for name in float_outputs:
             dtype_of[name] = target
@@ -297,7 +369,7 @@ def convert_graph(fp32_model, policy: PrecisionPolicy):
     # Outputs stay FP32: rename the low-precision tensor and cast it back.
     for output in graph.output:
         if dtype_of.get(output.name) != TensorProto.FLOAT and dtype_of.get(output.name) in FLOAT_TYPES:
-            low = f"{output.name}__{_ONNX_TO_DTYPE[dtype_of[output.name]]}"
+            low = f"{output.name}__{dtype_of_onnx_type(dtype_of[output.name])}"
             for node in nodes:
                 node.output[:] = [low if o == output.name else o for o in node.output]
                 node.input[:] = [low if i == output.name else i for i in node.input]
@@ -337,31 +409,48 @@ def graph_precision(model, types: dict[str, int] | None = None) -> dict[str, dic
     table: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for node, op_class, dtypes in _compute_nodes(model, types or _infer_types(model)):
         key = node.op_type if not node.name.startswith(TAG_PREFIX) else f"{node.op_type}({op_class})"
-        table[key][_ONNX_TO_DTYPE[dtypes[0]]] += 1
+        table[key][dtype_of_onnx_type(dtypes[0])] += 1
     return {op: dict(counts) for op, counts in sorted(table.items())}
 
 
-def check_graph_policy(model, policy: PrecisionPolicy) -> dict[str, dict[str, int]]:
-    """Raise unless every compute node runs in its class's dtype; return the dtype table."""
+def audit_graph(model, policy: PrecisionPolicy, *, engine: str) -> PrecisionAudit:
+    """Every compute node's input dtypes against the policy's dtype for that node: the ONNX engines' audit."""
     types = _infer_types(model)
     problems = []
-    seen = collections.Counter()
+    seen: list[tuple[str, str]] = []
     for node, op_class, dtypes in _compute_nodes(model, types):
-        seen[op_class] += 1
-        want = _DTYPE_TO_ONNX[policy.dtype_of(op_class)]
-        if set(dtypes) != {want}:
+        names = sorted({dtype_of_onnx_type(d) for d in dtypes})
+        seen.append((op_class, names[0]))
+        want = node_dtype(policy, op_class, node)
+        if names != [want]:
+            where = module_path_of(node)
             problems.append(
-                f"{node.op_type} {node.name!r} ({op_class}) computes in {sorted({_ONNX_TO_DTYPE[d] for d in dtypes})}, "
-                f"policy says {policy.dtype_of(op_class)}"
+                f"{node.op_type} {node.name!r} ({op_class}{', in ' + where if where else ''}) computes in {names}, "
+                f"policy says {want}"
             )
-    for op_class in ("matmul", "softmax", "layernorm"):
-        if not seen[op_class]:
+    present = {c for c, _ in seen}
+    for op_class in checked_classes():
+        if op_class not in present:
             problems.append(f"no {op_class} node found: the graph's precision cannot be verified")
     for output in model.graph.output:
-        if output.type.tensor_type.elem_type != 1:
+        if output.type.tensor_type.elem_type != TensorProto.FLOAT:
             problems.append(f"graph output {output.name!r} is not FP32")
-    if problems:
+    return PrecisionAudit(
+        engine=engine,
+        policy=policy.name,
+        method="the ONNX precision graph's compute nodes, read back from the file",
+        counts=tally(seen),
+        problems=problems,
+        blind_spots=["how the runtime executes each node (its kernels may accumulate in FP32)"],
+        details={"graph_dtypes": graph_precision(model, types)},
+    )
+
+
+def check_graph_policy(model, policy: PrecisionPolicy) -> dict[str, dict[str, int]]:
+    """Raise unless every compute node runs in its dtype under ``policy``; return the dtype table."""
+    audit = audit_graph(model, policy, engine="precision graph")
+    if audit.problems:
         raise GraphPolicyError(
-            f"precision graph for {policy.name!r} does not match its policy:\n  - " + "\n  - ".join(problems[:20])
+            f"precision graph for {policy.name!r} does not match its policy:\n  - " + "\n  - ".join(audit.problems[:20])
         )
-    return graph_precision(model, types)
+    return audit.details["graph_dtypes"]

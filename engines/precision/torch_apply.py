@@ -2,15 +2,19 @@
 
 ``apply_policy`` rewrites a deep copy of the FP32 model:
 
-* every ``nn.Linear`` and GPT-2 ``Conv1D`` becomes a :class:`PolicyLinear` that
-  casts its input to the policy's matmul dtype, runs the GEMM there and casts the
-  result to the residual-stream (elementwise) dtype;
-* every ``nn.LayerNorm`` becomes a :class:`PolicyLayerNorm` in the layernorm dtype,
-  native or, for strict policies, from FP16 arithmetic;
+* every module whose class the op-class table (:data:`engines.precision.policy.OP_CLASSES`)
+  lists is replaced by its policy implementation (:data:`IMPLEMENTATIONS`): ``nn.Linear``
+  and GPT-2's ``Conv1D`` by a :class:`PolicyLinear` that casts its input to its class's
+  dtype, runs the GEMM there and casts the result to the residual-stream
+  (elementwise) dtype; ``nn.LayerNorm`` by a :class:`PolicyLayerNorm`, native or, for
+  strict policies, from arithmetic in its dtype;
 * attention runs through :func:`policy_attention`, registered with transformers'
   ``AttentionInterface`` under :data:`ATTENTION_NAME`, which does ``Q @ K^T`` and
   ``P @ V`` in the matmul dtype and the masked softmax in the softmax dtype;
 * everything else (embeddings, residual adds, GELU) is in the elementwise dtype.
+
+Each dtype is the policy's for the module's path (``encoder.layer.3.output.LayerNorm``),
+so a policy file's per-module overrides hold here as in the ONNX graphs.
 """
 
 from __future__ import annotations
@@ -23,19 +27,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from engines.precision.audit import note_reduction
-from engines.precision.policy import PrecisionPolicy
+from engines.precision.policy import PolicyError, PrecisionPolicy, op_class_of_module, torch_dtype
 
 ATTENTION_NAME = "fidelity_policy"
-
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return TORCH_DTYPES[name]
+# Per module: {op class: torch dtype} for the computations the module does itself
+# (attention's products and softmax); set by apply_policy.
+DTYPES_ATTRIBUTE = "_fidelity_dtypes"
 
 
 # --- strict low-precision reductions ----------------------------------------
@@ -147,9 +144,8 @@ def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def policy_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention with each step in the dtype the module's policy assigns it."""
     policy: PrecisionPolicy = module._fidelity_policy
-    matmul_dtype = torch_dtype(policy.matmul)
-    softmax_dtype = torch_dtype(policy.softmax)
-    stream_dtype = torch_dtype(policy.elementwise)
+    dtypes = getattr(module, DTYPES_ATTRIBUTE)
+    matmul_dtype, softmax_dtype, stream_dtype = dtypes["matmul"], dtypes["softmax"], dtypes["elementwise"]
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     # GPT-2 may hand grouped K/V in other models; here heads always match.
@@ -188,19 +184,37 @@ def register_policy_attention() -> None:
 # --- applying a policy --------------------------------------------------------
 
 
-def _conv1d_type():
-    from transformers.pytorch_utils import Conv1D
+# Module class name (as the op-class table lists it) -> its policy implementation:
+# (module, compute dtype, residual-stream dtype, policy) -> replacement.
+IMPLEMENTATIONS = {
+    "Linear": lambda m, dtype, stream, policy: PolicyLinear.from_linear(m, dtype, stream),
+    "Conv1D": lambda m, dtype, stream, policy: PolicyLinear.from_conv1d(m, dtype, stream),
+    "LayerNorm": lambda m, dtype, stream, policy: PolicyLayerNorm(m, dtype, stream, policy.strict_reductions),
+}
 
-    return Conv1D
+
+def check_overrides(policy: PrecisionPolicy, module_paths: list[str], *, model_name: str = "model") -> None:
+    """Refuse a policy the torch engines cannot apply as written: ONNX node overrides, or overrides matching nothing."""
+    if policy.has_node_overrides:
+        nodes = [o.describe() for o in policy.overrides if o.node is not None]
+        raise PolicyError(
+            f"policy {policy.name!r} ({policy.source}) names ONNX nodes ({'; '.join(nodes)}): only the ONNX backends "
+            "(onnxrt, onnx-torch, trt) can apply it. Use module overrides for the torch backends."
+        )
+    unmatched = policy.unmatched_overrides(modules=module_paths)
+    if unmatched:
+        raise PolicyError(
+            f"policy {policy.name!r} ({policy.source}): override(s) {'; '.join(o.describe() for o in unmatched)} "
+            f"match no module of {model_name}; module paths look like {module_paths[min(3, len(module_paths) - 1)]!r}"
+        )
 
 
 def apply_policy(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
-    """A deep copy of ``model`` rewritten to compute as ``policy`` says."""
+    """A deep copy of ``model`` rewritten to compute as ``policy`` says, module by module."""
     register_policy_attention()
-    stream_dtype = torch_dtype(policy.elementwise)
-    matmul_dtype = torch_dtype(policy.matmul)
-    layernorm_dtype = torch_dtype(policy.layernorm)
-    conv1d = _conv1d_type()
+    paths = [name for name, _ in model.named_modules() if name]
+    check_overrides(policy, paths, model_name=type(model).__name__)
+    stream_dtype = torch_dtype(policy.dtype_of("elementwise"))
 
     model = copy.deepcopy(model)
     # GPT-2 ties lm_head to the token embedding; a policy may want them in
@@ -210,21 +224,29 @@ def apply_policy(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
     model.to(stream_dtype)
 
     replacements: list[tuple[nn.Module, str, nn.Module]] = []
-    for parent in model.modules():
+    for parent_path, parent in model.named_modules():
         for child_name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                new = PolicyLinear.from_linear(child, matmul_dtype, stream_dtype)
-            elif isinstance(child, conv1d):
-                new = PolicyLinear.from_conv1d(child, matmul_dtype, stream_dtype)
-            elif isinstance(child, nn.LayerNorm):
-                new = PolicyLayerNorm(child, layernorm_dtype, stream_dtype, policy.strict_reductions)
-            else:
+            op_class = op_class_of_module(child)
+            if op_class is None:
                 continue
-            replacements.append((parent, child_name, new))
+            kind = type(child).__name__
+            if kind not in IMPLEMENTATIONS:
+                raise PolicyError(
+                    f"the op-class table puts {kind} modules in {op_class!r}, but the torch rewrite has no policy "
+                    f"implementation for {kind}: add one to engines/precision/torch_apply.py IMPLEMENTATIONS"
+                )
+            path = f"{parent_path}.{child_name}" if parent_path else child_name
+            dtype = torch_dtype(policy.dtype_of(op_class, module=path))
+            replacements.append((parent, child_name, IMPLEMENTATIONS[kind](child, dtype, stream_dtype, policy)))
     for parent, child_name, new in replacements:
         setattr(parent, child_name, new)
 
-    for module in model.modules():
+    for path, module in model.named_modules():
         module._fidelity_policy = policy
+        setattr(
+            module,
+            DTYPES_ATTRIBUTE,
+            {c: torch_dtype(policy.dtype_of(c, module=path or None)) for c in ("matmul", "softmax", "elementwise")},
+        )
     model.set_attn_implementation(ATTENTION_NAME)
     return model.eval()

@@ -130,3 +130,50 @@ def test_two_processes_racing_for_one_engine_build_it_once(tmp_path):
         assert worker.exitcode == 0
     assert (tmp_path / "builds.log").read_text() == "build\n"
     assert (tmp_path / "out0").read_text() == (tmp_path / "out1").read_text() == "x" * 1000
+
+
+_READ_ONLY_LOOKUP = """
+import json, sys
+from pathlib import Path
+from engines.cache import EngineCache, ReadOnlyCacheError
+cache = EngineCache(Path(sys.argv[1]))
+fields = json.loads(sys.argv[2])
+def build(folder):
+    raise AssertionError("a warm read-only cache must not build")
+entry = cache.get_or_build(fields, build)
+hit = (entry.path / "engine.plan").read_bytes() == b"plan-bytes" * 100
+try:
+    cache.get_or_build(dict(fields, policy="fp16"), build)
+    missing = "built?"
+except ReadOnlyCacheError as exc:
+    missing = str(exc)
+print(json.dumps({"hit": hit, "events": [e.outcome for e in cache.events], "missing": missing}))
+"""
+
+
+def test_a_warm_cache_on_a_read_only_file_system_is_used_as_it_is(tmp_path):
+    """A real read-only mount (user and mount namespaces): no lock file, no write, the entry is used."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare for a read-only mount without privileges")
+    cache_dir = tmp_path / "cache"
+    EngineCache(cache_dir).get_or_build(FIELDS, writer()[0])
+    root = Path(__file__).resolve().parents[2]
+    mount = f"mount --bind {cache_dir} {cache_dir} && mount -o remount,ro,bind {cache_dir}"
+    script = f'{mount} && exec "$0" -c "$1" "$2" "$3"'
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, sys.executable, _READ_ONLY_LOOKUP,
+         str(cache_dir), json.dumps(FIELDS)],
+        cwd=root, capture_output=True, text=True, timeout=120, check=False,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+    )
+    if proc.returncode != 0 and "Operation not permitted" in proc.stderr:
+        pytest.skip(f"this machine allows no unprivileged mount namespace: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["hit"] and result["events"] == ["hit"]
+    assert "is read-only and has no usable entry" in result["missing"] and "--engine-cache" in result["missing"]

@@ -11,8 +11,8 @@ from engines.models import (
     get_spec,
     hub_reachable,
     package_model_dir,
-    parse_model_paths,
 )
+from engines.options import OptionError, parse_model_paths
 
 
 def test_registry_has_the_promised_models():
@@ -24,7 +24,7 @@ def test_registry_has_the_promised_models():
 def test_unknown_model_lists_known_ones():
     with pytest.raises(UnknownModelError, match="known models: bert-base, gpt2"):
         get_spec("llama")
-    with pytest.raises(ValueError, match="NAME=DIR"):
+    with pytest.raises(OptionError, match="NAME=DIR"):
         parse_model_paths(["minilm"])
 
 
@@ -103,9 +103,13 @@ def test_unreachable_hub_falls_back_to_random_init_with_a_note(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     loader = ModelLoader(hub_probe=lambda: False)
-    model = loader.load("tiny-gpt2")  # no hub id: random-init without a note
-    assert model.is_random_init and loader.notes == []
-    assert "stand-in" in model.tokenizer_source
+    model = loader.load("bert-base")
+    assert model.is_random_init
+    # The report must say why the weights are random: the hub was asked and did not answer.
+    assert loader.notes == ["bert-base: random-init because hub google-bert/bert-base-uncased: host unreachable"]
+    tiny = loader.load("tiny-gpt2")  # no hub id: random-init by design, nothing to explain
+    assert tiny.is_random_init and len(loader.notes) == 1
+    assert "stand-in" in tiny.tokenizer_source
 
 
 def test_pretrained_mode_fails_instead_of_falling_back(monkeypatch):
@@ -130,3 +134,19 @@ def test_hub_probe_answers_quickly_for_a_closed_port(monkeypatch):
         assert hub_reachable(timeout_s=2.0) is False
     finally:
         hub_reachable.cache_clear()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header"])
+def test_a_damaged_safetensors_file_is_refused_before_loading(tmp_path, tiny_bert, damage):
+    folder = tmp_path / "tiny"
+    tiny_bert.module.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+        message = "is truncated: its tensors end at byte"
+    else:
+        weights.write_bytes(data[:8] + b"{not json" + data[17:])
+        message = "is not a readable safetensors file"
+    with pytest.raises(ModelLoadError, match=message):
+        parse_model_paths([f"tiny-bert={folder}"])

@@ -26,12 +26,20 @@ def test_every_policy_has_a_tolerance_and_unknown_is_an_error():
         tolerance_for("fp8")
 
 
+def test_a_policy_file_is_held_to_the_bar_of_its_lowest_dtype_unless_it_sets_one(tmp_path):
+    from engines.precision.policy import get_policy
+
+    (tmp_path / "a.json").write_text('{"schema": 1, "name": "a", "base": "hybrid", "overrides": [{"module": "x", "dtype": "bfloat16"}]}')
+    (tmp_path / "b.json").write_text('{"schema": 1, "name": "b", "base": "fp16", "cosine_min": 0.9999}')
+    assert tolerance_for(get_policy(f"file:{tmp_path / 'a.json'}")).cosine_min == TOLERANCES["bf16"].cosine_min
+    assert tolerance_for(get_policy(f"file:{tmp_path / 'b.json'}")).cosine_min == 0.9999
+
+
 def test_identical_outputs_pass_with_zero_error():
     ref, batch = make()
     result = compare_outputs(ref.clone(), ref, batch, CTX, tolerance_for("hybrid"))
     assert result and result.passed
     assert result.min_cosine == pytest.approx(1.0) and result.max_abs_err == 0.0
-    assert result.min_passing_cosine == pytest.approx(1.0)
 
 
 def test_a_perturbed_sample_fails_and_is_located():

@@ -78,7 +78,8 @@ def test_a_name_that_picks_no_single_run_is_an_error_listing_the_runs(tmp_path, 
     assert "--benchmark-compare=0002" in message
 
 
-FACTS = {"machine_id": "sm90-NVIDIA_H100_80GB_HBM3", "torch": "2.11.0+cu130", "tensorrt": None, "onnxruntime": None}
+FACTS = {"schema": 2, "machine_id": "sm90-NVIDIA_H100_80GB_HBM3", "numerics": "production", "torch": "2.11.0+cu130",
+         "tensorrt": None, "onnxruntime": None}
 
 
 def test_installing_tensorrt_does_not_void_a_baseline_of_torch_engines():
@@ -92,6 +93,7 @@ def test_installing_tensorrt_does_not_void_a_baseline_of_torch_engines():
         ({"torch-compile"}, {"torch": "3.0.0"}, "torch major version '2.11.0+cu130' (here '3.0.0')"),
         ({"onnxrt"}, {"onnxruntime": None}, "onnxruntime major version '1.23.0' (here None)"),
         ({"torch"}, {"machine_id": "sm80-NVIDIA_A100_SXM4_80GB"}, "machine_id 'sm90-NVIDIA_H100_80GB_HBM3'"),
+        ({"torch"}, {"numerics": "deterministic"}, "numerics 'production' (here 'deterministic')"),
     ],
 )
 def test_another_major_version_of_a_runtime_the_baseline_ran_on_is_refused(backends, change, refused):
@@ -112,3 +114,10 @@ def test_a_stored_run_knows_its_backends(tmp_path):
     ]
     path.write_text(json.dumps(data))
     assert Baseline(path).backends == {"trt", "torch-compile"}
+
+
+def test_a_baseline_saved_before_numerics_were_recorded_counts_as_deterministic():
+    old = {k: v for k, v in FACTS.items() if k not in ("schema", "numerics")}  # schema 1: the H100's 0001-0004
+    check_compatible(old, dict(FACTS, numerics="deterministic"), source=Path("b.json"), backends={"torch"})
+    with pytest.raises(BaselineMismatchError, match="numerics 'deterministic' \\(here 'production'\\)"):
+        check_compatible(old, FACTS, source=Path("b.json"), backends={"torch"})

@@ -84,10 +84,3 @@ def test_committed_h100_baseline_renders_the_committed_results(tmp_path, monkeyp
     assert rendered.count("| bert-base/torch-compile/hybrid |") == 4
     # docs/results quotes this table: it must be what the report makes of the committed baseline.
     assert rendered == (root / "docs/results/perf-h100-compile/results.md").read_text()
-
-
-def test_tensorrt_memory_counts_its_context_and_its_plan():
-    from perf.session import engine_reported_bytes
-
-    assert engine_reported_bytes({"backend": "torch"}) is None
-    assert engine_reported_bytes({"device_memory_bytes": 1000, "plan_bytes": 250}) == 1250

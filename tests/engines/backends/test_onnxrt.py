@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from engines.backends.base import BuildOptions
 from engines.backends.base import BackendUnavailableError
 from engines.graphs.export import check_batch
 from engines.backends.onnxrt import CPU_NOTE, OnnxRuntimeRunner, providers_for
@@ -10,19 +11,30 @@ from engines.backends.torch_eager import TorchReferenceRunner
 
 def test_hybrid_graph_runs_in_onnxruntime_and_matches(tiny_gpt2, engine_cache):
     reference = TorchReferenceRunner(tiny_gpt2, "cpu").build()
-    runner = OnnxRuntimeRunner(tiny_gpt2, get_policy("hybrid"), "cpu", cache=engine_cache).build()
+    runner = OnnxRuntimeRunner(tiny_gpt2, get_policy("hybrid"), "cpu", BuildOptions(cache=engine_cache)).build()
     batch = check_batch(tiny_gpt2)
     valid = batch.attention_mask.bool()
     got, want = runner.infer(batch)[valid].double(), reference.infer(batch)[valid].double()
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9998
-    info = runner.describe()
-    assert info["provider"] == "CPUExecutionProvider" and info["note"] == CPU_NOTE
-    assert info["runtime"].startswith("onnxruntime ")
+    info = runner.info()
+    assert info.details["provider"] == "CPUExecutionProvider" and info.details["note"] == CPU_NOTE
+    assert info.runtime.startswith("onnxruntime ")
+
+
+def test_prepare_and_run_bind_in_place_and_repeat(tiny_bert, engine_cache):
+    """The timed path (what perf/ calls): staged once, run many times, the same answer as infer()."""
+    runner = OnnxRuntimeRunner(tiny_bert, get_policy("fp32"), "cpu", BuildOptions(cache=engine_cache)).build()
+    batch = check_batch(tiny_bert)
+    staged = runner.prepare(batch)
+    first = runner.run(staged).clone()
+    second = runner.run(staged)
+    assert first.shape == (*batch.shape, 64) and first.dtype == torch.float32
+    assert torch.equal(first, second) and torch.equal(first, runner.infer(batch))
 
 
 def test_bf16_on_the_cpu_provider_is_a_skip_with_the_reason(tiny_bert, engine_cache):
     with pytest.raises(BackendUnavailableError, match="cannot run the bf16 graph"):
-        OnnxRuntimeRunner(tiny_bert, get_policy("bf16"), "cpu", cache=engine_cache).build()
+        OnnxRuntimeRunner(tiny_bert, get_policy("bf16"), "cpu", BuildOptions(cache=engine_cache)).build()
 
 
 def test_gpu_without_a_gpu_provider_names_the_package():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from engines.backends.base import BuildOptions
 from engines.precision.audit import FUSED_ATTENTION, NATIVE, OpRecord, check_policy
 from engines.batch import TokenBatch
 from engines.precision.policy import POLICIES, get_policy
@@ -14,7 +15,8 @@ from engines.backends.torch_compile import (
     fused_attention_allowed,
     pad_unaligned_projections,
 )
-from engines.backends.torch_eager import OutputForward, TorchRunner
+from engines.backends.torch_eager import TorchRunner
+from engines.models import OutputForward
 from engines.precision.torch_apply import apply_policy
 
 
@@ -87,36 +89,39 @@ def test_compiled_engine_matches_eager_on_padded_odd_shapes(request, engine_cach
     model = request.getfixturevalue(model_name.replace("-", "_"))
     policy = get_policy("hybrid")
     batch = _padded_batch(model, left=left)
-    with TorchRunner(model, policy, "cpu") as eager, TorchCompileRunner(model, policy, "cpu", cache=engine_cache) as compiled:
+    with TorchRunner(model, policy, "cpu") as eager, TorchCompileRunner(model, policy, "cpu", BuildOptions(cache=engine_cache)) as compiled:
         assert compiled.padded(batch).shape == (4, 32)
         expected = eager.infer(batch)
         actual = compiled.infer(batch)
         # A second shape of the same bucket reuses the compiled graph and still cuts its own output.
         smaller = TokenBatch(batch.input_ids[:2, :17], batch.attention_mask[:2, :17], "test")
         assert compiled.infer(smaller).shape[:2] == (2, 17)
-        description = compiled.describe()
+        info = compiled.info()
     assert actual.shape == expected.shape
     valid = batch.attention_mask.bool()
     torch.testing.assert_close(actual[valid], expected[valid], rtol=2e-3, atol=2e-3)
-    assert "torch.compile mode=default" in description["mode"]
-    assert description["inductor_cache"]
+    assert "torch.compile mode=default" in info.mode
+    assert info.details["inductor_cache"]
 
 
 def test_each_engine_cache_gets_its_own_inductor_dir_unless_the_user_set_one(tiny_bert, tmp_path, monkeypatch):
+    import os
+
     from engines.cache import EngineCache
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    first = TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", cache=EngineCache(tmp_path / "a"))
-    second = TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", cache=EngineCache(tmp_path / "b"))
+    first = TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", BuildOptions(cache=EngineCache(tmp_path / "a")))
+    second = TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", BuildOptions(cache=EngineCache(tmp_path / "b")))
     assert (first.cache_dir, second.cache_dir) == (str(tmp_path / "a" / "torchinductor"), str(tmp_path / "b" / "torchinductor"))
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # constructors leave the process's environment alone
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    third = TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", cache=EngineCache(tmp_path / "c"))
+    third = TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", BuildOptions(cache=EngineCache(tmp_path / "c")))
     assert third.cache_dir == str(tmp_path / "mine")
 
 
 def test_unknown_compile_mode_is_refused(tiny_bert):
     with pytest.raises(ValueError, match="max-autotune"):
-        TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", compile_mode="fastest")
+        TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", BuildOptions(compile_mode="fastest"))
 
 
 def _records(*items):
@@ -166,9 +171,10 @@ from engines.batch import TokenBatch
 from engines.cache import EngineCache
 from engines.models import ModelLoader
 from engines.precision.policy import get_policy
+from engines.backends.base import BuildOptions
 from engines.backends.torch_compile import TorchCompileRunner
 model = ModelLoader(weights_mode="random", hub_probe=lambda: False).load("tiny-bert")
-runner = TorchCompileRunner(model, get_policy("hybrid"), "cpu", cache=EngineCache(Path(sys.argv[1]))).build()
+runner = TorchCompileRunner(model, get_policy("hybrid"), "cpu", BuildOptions(cache=EngineCache(Path(sys.argv[1])))).build()
 ids = torch.ones(2, 10, dtype=torch.int64)
 runner.infer(TokenBatch(ids, torch.ones_like(ids)))
 print(json.dumps({"dir": runner.cache_dir, "inductor": dict(counters["inductor"])}))
@@ -182,7 +188,7 @@ def test_compiled_graphs_are_cached_under_the_engine_cache(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env["HF_HUB_OFFLINE"] = "1"
     runs = []

@@ -24,16 +24,19 @@ def test_runner_protocol_and_output_contract(hybrid_bert, tiny_bert):
     out = hybrid_bert.infer(batch_of([[101, 2023, 102]]))
     assert out.shape == (1, 3, 64) and out.dtype == torch.float32
     assert hybrid_bert.name == "tiny-bert/torch/hybrid"
-    assert hybrid_bert.describe()["mode"] == "eager"
+    assert hybrid_bert.info().mode == "eager" and hybrid_bert.info().runtime.startswith("torch ")
+    staged = hybrid_bert.prepare(batch_of([[101, 2023, 102]]))
+    assert torch.equal(hybrid_bert.run(staged), out)  # the timed path gives what infer() gives
 
 
 def test_audit_records_the_policy_dtypes(hybrid_bert):
-    counts = hybrid_bert.audit.counts
+    audit = hybrid_bert.audit
     # q, k, v, o, fc1, fc2 and QK^T, PV per layer, plus the pooler
-    assert counts["matmul:float16:native"] == 2 * (6 + 2) + 1
-    assert counts["softmax:float32:native"] == 2
-    assert counts["layernorm:float32:native"] == 5
-    assert bool(hybrid_bert.audit)
+    assert audit.counts["matmul"] == {"float16": 2 * (6 + 2) + 1}
+    assert audit.counts["softmax"] == {"float32": 2}
+    assert audit.counts["layernorm"] == {"float32": 5}
+    assert audit.details["implementations"]["softmax:native"] == 2
+    assert bool(audit) and audit.method.startswith("torch function calls")
 
 
 @pytest.mark.parametrize(
@@ -61,8 +64,8 @@ class MisclaimedRunner(TorchRunner):
 
 
 @pytest.mark.parametrize("claimed,actual,problem", [
-    ("hybrid", "fp32", "matmul: policy says float16, but 17 of 17 calls ran in ['float32']"),
-    ("fp16", "hybrid", "softmax: policy says float16"),
+    ("hybrid", "fp32", "matmul: 17 of 17 calls ran in ['float32'] where the policy says float16"),
+    ("fp16", "hybrid", "softmax: 2 of 2 calls ran in ['float32'] where the policy says float16"),
     ("fp16-strict", "fp16", "layernorm: policy wants the low-precision-reduction implementation"),
 ])
 def test_an_engine_that_misstates_its_precision_fails_loudly(tiny_bert, claimed, actual, problem):
@@ -82,7 +85,7 @@ def test_tf32_fails_the_fp32_audit(tiny_bert):
 
     records = []
     probe = probe_batch(tiny_bert.vocab_size, tiny_bert.special_token_ids, tiny_bert.pad_token_id)
-    with torch.inference_mode(), DtypeAudit().watching(reference.forward) as watched:
+    with torch.inference_mode(), DtypeAudit().watching(reference.forward.model) as watched:
         reference.forward(probe.input_ids, probe.attention_mask)
         records = watched.records
     verdict = check_policy(records, get_policy("fp32"), engine="x", tf32=True)
@@ -106,3 +109,22 @@ def test_closed_runner_cannot_be_rebuilt(tiny_bert):
     runner.close()
     with pytest.raises(RuntimeError, match="build\\(\\) after close\\(\\)"):
         runner.build()
+
+
+def test_the_reference_runs_deterministic_kernels_and_restores_the_session_setting(tiny_bert):
+    from engines.numerics import NUMERICS, configure_process
+
+    configure_process(NUMERICS["production"])
+    reference = TorchReferenceRunner(tiny_bert, "cpu").build()
+    seen = []
+    original = reference.forward.forward
+
+    def spy(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return original(*args, **kwargs)
+
+    reference.forward.forward = spy
+    reference.infer(batch_of([[101, 2023, 102]]))
+    assert seen == [True]  # the reference's own call: deterministic
+    assert not torch.are_deterministic_algorithms_enabled()  # the engines under test: production again
+    assert reference.info().mode.endswith("deterministic kernels")

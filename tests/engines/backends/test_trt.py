@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from engines.backends.base import BuildOptions
 from engines.backends.base import BackendUnavailableError
 
 from engines.batch import InvalidInputError
@@ -53,7 +54,7 @@ def test_tensorrt_engine_builds_caches_and_is_faithful(tiny_bert, tmp_path, prec
     from engines.backends.trt import TensorRTRunner
 
     cache = EngineCache(tmp_path)
-    runner = TensorRTRunner(tiny_bert, get_policy(precision), "cuda", cache=cache).build()
+    runner = TensorRTRunner(tiny_bert, get_policy(precision), "cuda", BuildOptions(cache=cache)).build()
     assert runner.audit and runner.memory["device_memory_bytes"] > 0
     batch = check_batch(tiny_bert)
     got = runner.infer(batch)
@@ -61,5 +62,5 @@ def test_tensorrt_engine_builds_caches_and_is_faithful(tiny_bert, tmp_path, prec
     valid = batch.attention_mask.bool().cuda()
     cosine = torch.nn.functional.cosine_similarity(got[valid].double().flatten(), want[valid].double().flatten(), dim=0)
     assert cosine > 0.9998
-    TensorRTRunner(tiny_bert, get_policy(precision), "cuda", cache=EngineCache(tmp_path)).build()
+    TensorRTRunner(tiny_bert, get_policy(precision), "cuda", BuildOptions(cache=EngineCache(tmp_path))).build()
     assert (tmp_path / "timing").is_dir()

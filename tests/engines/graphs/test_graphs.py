@@ -6,6 +6,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from engines.backends.base import BuildOptions
 from engines.batch import TokenBatch
 from engines.graphs.export import ExportError, check_batch, load_graph, verify_export
 from engines.graphs.precision_graph import fp32_graph, precision_graph, verified_audit
@@ -57,14 +58,14 @@ def test_precision_graphs_compute_as_their_policy_says(model, engine_cache, prec
     assert structure.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT  # IO stays FP32
     dtypes = check_graph_policy(structure, policy)
     matmuls = {k: v for k, v in dtypes.items() if k in ("MatMul", "Gemm")}
-    assert matmuls and all(set(v) == {policy.matmul} for v in matmuls.values())
+    assert matmuls and all(set(v) == {policy.classes["matmul"]} for v in matmuls.values())
     if policy.strict_reductions:
         assert "LayerNormalization" not in dtypes and "Softmax" not in dtypes
         for op in ("ReduceMean(layernorm)", "Pow(layernorm)", "ReduceSum(softmax)", "Exp(softmax)"):
             assert set(dtypes[op]) == {"float16"}, op
     else:
-        assert set(dtypes["LayerNormalization"]) == {policy.layernorm}
-        assert set(dtypes["Softmax"]) == {policy.softmax}
+        assert set(dtypes["LayerNormalization"]) == {policy.classes["layernorm"]}
+        assert set(dtypes["Softmax"]) == {policy.classes["softmax"]}
     assert verified_audit(graph, policy, engine="x")
 
 
@@ -122,7 +123,7 @@ def test_decomposed_fp16_layernorm_overflows_where_hybrid_does_not():
 
 def test_the_interpreter_matches_the_reference_and_refuses_unknown_ops(model, engine_cache):
     reference = TorchReferenceRunner(model, "cpu").build()
-    runner = OnnxTorchRunner(model, get_policy("fp32"), "cpu", cache=engine_cache).build()
+    runner = OnnxTorchRunner(model, get_policy("fp32"), "cpu", BuildOptions(cache=engine_cache)).build()
     batch = check_batch(model)
     torch.testing.assert_close(runner.infer(batch), reference.infer(batch), atol=1e-4, rtol=1e-4)
     with pytest.raises(UnsupportedGraphError, match="no kernel for Sin"):
@@ -139,16 +140,51 @@ def test_interpreter_rejects_graphs_that_mix_dtypes():
 
 
 def test_onnx_engines_report_a_graph_audit(tiny_bert, engine_cache):
-    runner = OnnxTorchRunner(tiny_bert, get_policy("hybrid"), "cpu", cache=engine_cache).build()
-    assert runner.audit and runner.audit.counts["MatMul:float16"] == 16
-    assert runner.describe()["graph_dtypes"]["LayerNormalization"] == {"float32": 5}
+    runner = OnnxTorchRunner(tiny_bert, get_policy("hybrid"), "cpu", BuildOptions(cache=engine_cache)).build()
+    assert runner.audit and runner.audit.counts["matmul"] == {"float16": 16}
+    assert runner.info().details["graph_dtypes"]["LayerNormalization"] == {"float32": 5}
     ids = torch.tensor([[101, 2023, 102]])
     assert runner.infer(TokenBatch(ids, torch.ones_like(ids))).shape == (1, 3, 64)
 
 
 def test_left_padded_gpt2_stays_finite_in_the_bf16_graph(tiny_gpt2, engine_cache):
-    runner = OnnxTorchRunner(tiny_gpt2, get_policy("bf16"), "cpu", cache=engine_cache).build()
+    runner = OnnxTorchRunner(tiny_gpt2, get_policy("bf16"), "cpu", BuildOptions(cache=engine_cache)).build()
     ids = torch.tensor([[50256, 50256, 464, 3290, 318], [464, 3290, 318, 257, 1332]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     out = runner.infer(TokenBatch(ids, mask))
     assert torch.isfinite(out[mask.bool()]).all()
+
+
+def test_policy_file_overrides_reach_the_nodes_of_their_module(tiny_bert, engine_cache, tmp_path):
+    """A module override converts exactly the nodes exported from that module (their name scopes)."""
+    from engines.precision.onnx_convert import module_path_of
+
+    path = tmp_path / "keep.json"
+    path.write_text(
+        '{"schema": 1, "name": "fp16-keep-l1-ln", "base": "fp16-strict", "overrides": '
+        '[{"module": "encoder.layer.1", "op_class": "layernorm", "dtype": "float32"}]}'
+    )
+    policy = get_policy(f"file:{path}")
+    graph = precision_graph(tiny_bert, policy, engine_cache)
+    structure = onnx.load(str(graph.path), load_external_data=False)
+    assert verified_audit(graph, policy, engine="x").problems == []
+    # strict: LayerNorms are decomposed; the pieces keep their source's module scope
+    pieces = [n for n in structure.graph.node if n.name.startswith("fidelity.layernorm/")]
+    inferred = onnx.shape_inference.infer_shapes(structure).graph
+    dtype_of = {v.name: v.type.tensor_type.elem_type for v in list(inferred.value_info) + list(inferred.input)}
+    dtype_of.update({i.name: i.data_type for i in structure.graph.initializer})
+    for node in pieces:
+        module = module_path_of(node)
+        want = TensorProto.FLOAT if module.startswith("encoder.layer.1.") else TensorProto.FLOAT16
+        assert dtype_of[node.input[0]] == want, (node.name, module)
+    assert {module_path_of(n).startswith("encoder.layer.1.") for n in pieces} == {True, False}
+
+
+def test_a_node_override_matching_no_node_is_refused(tiny_bert, engine_cache, tmp_path):
+    from engines.precision.policy import PolicyError
+
+    path = tmp_path / "typo.json"
+    path.write_text('{"schema": 1, "name": "n", "base": "fp16", "overrides": [{"node": "no_such_node", "dtype": "float32"}]}')
+    fp32 = load_graph(fp32_graph(tiny_bert, engine_cache).file("model.onnx"))
+    with pytest.raises(PolicyError, match="no_such_node.*match nothing in this ONNX graph"):
+        convert_graph(fp32, get_policy(f"file:{path}"))

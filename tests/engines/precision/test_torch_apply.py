@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -12,6 +13,28 @@ def test_low_precision_sum_rounds_every_partial_sum():
     # torch's own half mean accumulates in FP32 and never sees the overflow
     assert float(x.mean()) == 100.0
     assert float(low_precision_sum(torch.arange(10, dtype=torch.float32))) == 45.0
+
+
+def _pairwise_fp16_sum(values: np.ndarray) -> np.float16:
+    """An independent FP16 pairwise sum: every partial sum rounded to FP16."""
+    v = np.asarray(values, dtype=np.float16)
+    width = 1 << max(len(v) - 1, 0).bit_length()
+    v = np.concatenate([v, np.zeros(width - len(v), dtype=np.float16)])
+    while len(v) > 1:
+        half = len(v) // 2
+        v = (v[:half] + v[half:]).astype(np.float16)
+    return v[0]
+
+
+def test_strict_softmax_divides_by_a_sum_rounded_in_fp16_at_every_step():
+    x = (torch.randn(3000, generator=torch.Generator().manual_seed(3)) * 2).half()
+    exps = torch.exp(x - x.max())
+    expected = exps / torch.tensor(_pairwise_fp16_sum(exps.numpy()))
+    got = strict_softmax(x)
+    assert torch.equal(got, expected)
+    # The test can tell: a sum accumulated in FP32 (what torch's half kernels do) differs.
+    accumulated_in_fp32 = exps / exps.float().sum().half()
+    assert not torch.equal(got, accumulated_in_fp32)
 
 
 def test_strict_layer_norm_overflows_where_the_native_kernel_does_not():
@@ -58,3 +81,30 @@ def test_apply_policy_leaves_the_source_model_untouched(tiny_gpt2, precision):
     assert len(linears) == 2 * 4 + 1  # c_attn, c_proj, c_fc, c_proj per layer + lm_head
     expected = {"hybrid": torch.float16, "fp16": torch.float16, "fp16-strict": torch.float16, "bf16": torch.bfloat16}
     assert {m.weight.dtype for m in linears} == {expected[precision]}
+
+
+def test_module_overrides_reach_the_modules_they_name(tiny_bert, tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(
+        '{"schema": 1, "name": "fp16-keep-ln1", "base": "fp16", "overrides": '
+        '[{"module": "encoder.layer.1", "op_class": "layernorm", "dtype": "float32"}]}'
+    )
+    converted = apply_policy(tiny_bert.module, get_policy(f"file:{path}"))
+    dtypes = {name: m.compute_dtype for name, m in converted.named_modules() if hasattr(m, "compute_dtype")}
+    assert dtypes["encoder.layer.1.output.LayerNorm"] == torch.float32
+    assert dtypes["encoder.layer.1.attention.output.LayerNorm"] == torch.float32
+    assert dtypes["encoder.layer.0.output.LayerNorm"] == torch.float16
+    assert dtypes["encoder.layer.1.output.dense"] == torch.float16
+
+
+def test_an_override_matching_no_module_or_naming_onnx_nodes_is_refused(tiny_bert, tmp_path):
+    from engines.precision.policy import PolicyError
+
+    typo = tmp_path / "typo.json"
+    typo.write_text('{"schema": 1, "name": "t", "base": "fp16", "overrides": [{"module": "encoder.layers.1", "dtype": "float32"}]}')
+    with pytest.raises(PolicyError, match="match no module of BertModel"):
+        apply_policy(tiny_bert.module, get_policy(f"file:{typo}"))
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text('{"schema": 1, "name": "n", "base": "fp16", "overrides": [{"node": "node_MatMul_7", "dtype": "float32"}]}')
+    with pytest.raises(PolicyError, match="only the ONNX backends"):
+        apply_policy(tiny_bert.module, get_policy(f"file:{nodes}"))

@@ -1,0 +1,126 @@
+"""The engine factory: the one place that turns an engine name into a built engine, for fidelity/ and perf/ alike.
+
+A :class:`EngineFactory` holds one session's models, engine cache, numerics and
+FP32 references.  ``build(spec)`` constructs a runner the same way for every
+backend (``Runner(model, policy, device, BuildOptions)``), builds it (which ends in
+its precision audit) and records what was built; a backend that cannot run here
+raises :class:`~engines.backends.base.BackendUnavailableError`, recorded as a skip.
+Nothing here times or judges anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from engines.backends.base import BackendUnavailableError, BuildOptions, Runner
+from engines.backends.registry import get_backend
+from engines.backends.torch_eager import TorchReferenceRunner
+from engines.cache import EngineCache
+from engines.env import environment_info
+from engines.models import LoadedModel, ModelLoader
+from engines.numerics import configure_process, record
+from engines.options import EngineSelection
+from engines.precision.policy import PrecisionPolicy, get_policy
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """One engine to build: model x backend x precision (a precision name of the selection)."""
+
+    model: str
+    backend: str
+    precision: str
+
+    @property
+    def id(self) -> str:
+        """``model/backend/precision``: the engine's name everywhere (reports, baselines, test ids)."""
+        return f"{self.model}/{self.backend}/{self.precision}"
+
+
+class EngineFactory:
+    def __init__(self, selection: EngineSelection) -> None:
+        self.selection = selection
+        self.device = selection.device
+        # Numerics are process-wide in torch: set once, before any engine exists.
+        configure_process(selection.numerics)
+        self.loader = ModelLoader(model_paths=selection.model_paths, weights_mode=selection.weights_mode)
+        self.cache = EngineCache(selection.engine_cache, rebuild=selection.rebuild_engines)
+        self.options = BuildOptions(cache=self.cache, compile_mode=selection.compile_mode)
+        self.built: dict[str, dict[str, Any]] = {}  # engine id -> info, audit, build seconds
+        self.skipped: dict[str, str] = {}  # engine id -> reason
+        self._references: dict[str, TorchReferenceRunner] = {}
+        self._environment: dict[str, Any] | None = None
+
+    # -- what to build -----------------------------------------------------------------
+    def specs(self) -> list[EngineSpec]:
+        s = self.selection
+        return [EngineSpec(m, b, p) for m in s.models for b in s.backends for p in s.precisions]
+
+    def policy(self, precision: str) -> PrecisionPolicy:
+        """A selected precision's policy; a built-in one (the CPU baseline's fp32) even when not selected."""
+        return self.selection.policies.get(precision) or get_policy(precision)
+
+    def runs_here(self, backend: str, device: str | None = None) -> bool:
+        return (device or self.device).split(":")[0] in get_backend(backend).devices
+
+    # -- building ----------------------------------------------------------------------
+    def model(self, name: str) -> LoadedModel:
+        return self.loader.load(name)
+
+    @property
+    def notes(self) -> list[str]:
+        """Why a fallback was taken (random-init weights, ...), for reports."""
+        return list(self.loader.notes)
+
+    def build(self, spec: EngineSpec, *, device: str | None = None) -> Runner:
+        """The built engine for ``spec`` (on ``device``, default the session's); BackendUnavailableError where it cannot run."""
+        backend = get_backend(spec.backend)
+        device = device or self.device
+        key = spec.id if device == self.device else f"{spec.id} on {device}"
+        try:
+            if not self.runs_here(spec.backend, device):
+                raise BackendUnavailableError(
+                    f"backend {spec.backend} runs on {', '.join(backend.devices)}, not {device}; "
+                    "run on a GPU machine with --device cuda"
+                )
+            runner_cls = backend.load()
+            started = time.perf_counter()
+            runner = runner_cls(self.model(spec.model), self.policy(spec.precision), device, self.options)
+            runner.build()
+        except BackendUnavailableError as exc:
+            self.skipped[key] = str(exc)
+            raise
+        self.built[key] = {
+            **runner.info().as_dict(),
+            "policy": runner.policy.describe(),
+            "build_seconds": round(time.perf_counter() - started, 3),
+            "audit": runner.audit.as_dict(),
+        }
+        return runner
+
+    def skip(self, spec: EngineSpec, reason: str) -> None:
+        self.skipped[spec.id] = reason
+
+    def reference(self, model_name: str) -> TorchReferenceRunner:
+        """The FP32 reference of ``model_name`` on this device, built once (deterministic kernels, TF32 off)."""
+        if model_name not in self._references:
+            runner = TorchReferenceRunner(self.model(model_name), self.device).build()
+            self.built[runner.name] = {**runner.info().as_dict(), "audit": runner.audit.as_dict()}
+            self._references[model_name] = runner
+        return self._references[model_name]
+
+    # -- facts ---------------------------------------------------------------------------
+    def environment(self) -> dict[str, Any]:
+        if self._environment is None:
+            self._environment = environment_info(self.device)
+        return self._environment
+
+    def numerics_record(self) -> dict[str, Any]:
+        return record(self.selection.numerics)
+
+    def close(self) -> None:
+        for runner in self._references.values():
+            runner.close()
+        self._references.clear()

@@ -1,0 +1,31 @@
+"""Which device memory belongs to an engine, whatever was built before it.
+
+An engine's peak memory (``perf/``) is the torch allocator's peak during a call,
+minus what others held when the engine was built.  Two process-wide caches make
+"what others held" depend on test order unless they are emptied first:
+
+* cuBLAS workspaces: PyTorch allocates one per (cuBLAS handle, stream) through its
+  caching allocator and keeps it for the process.  The first engine to run a GEMM on
+  a stream (the default stream, each CUDA-graph warm-up and capture stream) pays for
+  it; an engine built after that found it already held and did not.  On the H100,
+  ``bert-base/torch-cudagraph/fp16`` measured 315.8 MiB when built first in a
+  session and 249.8 MiB when built after an FP32 engine (issue 9).
+* blocks the caching allocator keeps after an earlier engine was closed.
+
+Both are released before every engine is built, so every engine pays for the
+workspaces it uses, and its figure no longer depends on what ran before it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def release_shared_device_memory(device: torch.device) -> int:
+    """Free cached cuBLAS workspaces and allocator blocks on ``device``; return the bytes still allocated (others')."""
+    torch.cuda.synchronize(device)
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:  # present since PyTorch 1.13; without it, workspaces stay shared
+        clear_workspaces()
+    torch.cuda.empty_cache()
+    return int(torch.cuda.memory_allocated(device))

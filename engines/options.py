@@ -1,0 +1,266 @@
+"""Options, declared once: one table per job feeds the command line, validation, the session and the report.
+
+An :class:`Option` says its flag, help, default (and how the help states a default
+that depends on the machine), its kind and choices.  :func:`add_options` registers a
+table with pytest (or argparse), :func:`collect` reads the values back, and each
+consumer's ``from_values`` validates them in one place.  :func:`parse_list` is the
+one comma-list parser.
+
+This module holds the engine-selection table (:data:`ENGINE_OPTIONS`) and its
+validated form, :class:`EngineSelection`; ``fidelity/`` and ``perf/`` declare their
+own tables with the same :class:`Option`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from engines.backends.registry import BACKENDS, DEFAULT_BACKENDS, default_backends, get_backend
+from engines.env import DEVICE_CHOICES, resolve_device
+from engines.models import MODEL_SPECS, WEIGHTS_MODES, get_spec, validate_model_dir
+from engines.numerics import DEFAULT_NUMERICS, NUMERICS, Numerics, get_numerics
+from engines.precision.policy import FILE_PREFIX, POLICIES, PolicyError, PrecisionPolicy, get_policy
+
+DEFAULT_MODELS = ("tiny-bert", "tiny-gpt2", "minilm")
+
+
+class OptionError(ValueError):
+    """A bad command-line option; the pytest plugins turn it into a usage error (exit code 4)."""
+
+
+def usage_errors() -> tuple[type[Exception], ...]:
+    """Every error that means "the command line is wrong": each becomes a usage error naming the fix."""
+    from engines.backends.registry import UnknownBackendError
+    from engines.env import DeviceUnavailableError
+    from engines.models import ModelLoadError, UnknownModelError
+
+    return (OptionError, PolicyError, UnknownModelError, UnknownBackendError, DeviceUnavailableError, ModelLoadError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    flag: str
+    help: str
+    default: Any = None
+    kind: str = "str"  # str, list (comma-separated), float, int, flag, append (repeatable)
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    default_text: str | None = None  # the help's statement of a default computed at run time
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def help_text(self) -> str:
+        if self.kind in ("flag", "append"):
+            return self.help
+        shown = self.default_text if self.default_text is not None else self.default
+        return self.help if shown is None else f"{self.help} (default: {shown})"
+
+    def argument_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"dest": self.dest, "help": self.help_text()}
+        if self.kind == "flag":
+            kwargs.update(action="store_true", default=False)
+            return kwargs
+        if self.kind == "append":
+            kwargs.update(action="append", default=[])
+        else:
+            kwargs["default"] = None  # "not given": the consumer applies the default, so help and run agree
+            if self.kind in ("float", "int"):
+                kwargs["type"] = float if self.kind == "float" else int
+        if self.choices:
+            kwargs["choices"] = list(self.choices)
+        if self.metavar:
+            kwargs["metavar"] = self.metavar
+        return kwargs
+
+
+def add_options(add: Callable[..., Any], options: Iterable[Option]) -> None:
+    """Register ``options`` through ``add(flag, **kwargs)``: a pytest option group's ``addoption`` or argparse's ``add_argument``."""
+    for option in options:
+        add(option.flag, **option.argument_kwargs())
+
+
+def collect(get: Callable[[str], Any], options: Iterable[Option]) -> dict[str, Any]:
+    """``{dest: value}`` for ``options``, read with ``get(dest)`` (pytest's ``config.getoption``, or ``vars(args).get``)."""
+    return {option.dest: get(option.dest) for option in options}
+
+
+def parse_list(value: str | None, *, flag: str, default: Sequence[str] | None = None) -> list[str]:
+    """The one comma-list parser: None (not given) is ``default``; an empty list given is an error."""
+    if value is None:
+        if default is None:
+            raise OptionError(f"{flag} needs a value")
+        return list(default)
+    items = [item.strip() for item in value.split(",")]
+    items = [item for item in items if item]
+    if not items:
+        shown = f"leave it out for the default ({','.join(default)})" if default is not None else "give at least one"
+        raise OptionError(f"{flag} is empty: give NAME[,NAME...], or {shown}")
+    duplicates = sorted({item for item in items if items.count(item) > 1})
+    if duplicates:
+        raise OptionError(f"{flag} names {', '.join(duplicates)} more than once")
+    return items
+
+
+ENGINE_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "--models",
+        f"comma-separated models: {', '.join(MODEL_SPECS)}",
+        kind="list",
+        default_text=",".join(DEFAULT_MODELS),
+    ),
+    Option(
+        "--precisions",
+        f"comma-separated precisions: {', '.join(POLICIES)}, or {FILE_PREFIX}PATH for a policy file",
+        kind="list",
+        default_text=f"all built-in: {','.join(POLICIES)}",
+    ),
+    Option(
+        "--backends",
+        f"comma-separated backends: {', '.join(BACKENDS)}",
+        kind="list",
+        default_text=f"those of {','.join(DEFAULT_BACKENDS)} that run on --device (on a CPU machine: torch)",
+    ),
+    Option("--device", f"{'|'.join(DEVICE_CHOICES)} or cuda:N", default="auto"),
+    Option(
+        "--model-path",
+        "load model NAME from a local directory with safetensors weights (repeatable)",
+        kind="append",
+        metavar="NAME=DIR",
+    ),
+    Option(
+        "--weights",
+        "auto: pretrained where reachable, else random-init; pretrained: fail without; random: always random-init",
+        default="auto",
+        choices=WEIGHTS_MODES,
+    ),
+    Option(
+        "--engine-cache",
+        "where exported graphs and built engines are kept; a read-only folder is used as it is",
+        metavar="DIR",
+        default_text="$FIDELITY_ENGINE_CACHE, else ~/.cache/transformer-fidelity-suite/engines",
+    ),
+    Option("--rebuild-engines", "rebuild cached graphs and engines once this session", kind="flag"),
+    Option(
+        "--compile-mode",
+        "torch.compile mode of the torch-compile backend (max-autotune: GEMM autotuning, longer cold compiles)",
+        default="default",
+        choices=("default", "max-autotune"),
+    ),
+    Option(
+        "--numerics",
+        "numerics of the engines under test: "
+        + "; ".join(f"{n.name}: {n.description}" for n in NUMERICS.values())
+        + ". The FP32 reference always runs deterministic kernels with TF32 off",
+        default=DEFAULT_NUMERICS,
+        choices=tuple(NUMERICS),
+    ),
+)
+
+
+def parse_model_paths(items: list[str]) -> dict[str, Path]:
+    """``--model-path NAME=DIR`` values, each checked now: folder, config, readable safetensors."""
+    paths: dict[str, Path] = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise OptionError(f"--model-path expects NAME=DIR, got {item!r}")
+        spec = get_spec(name)
+        path = Path(folder).expanduser()
+        validate_model_dir(path, spec)
+        paths[name] = path
+    return paths
+
+
+def check_cache_folder(path: Path) -> Path:
+    """An engine cache folder: refused if it is a file or cannot be created; a read-only one is allowed."""
+    if path.exists() and not path.is_dir():
+        raise OptionError(
+            f"--engine-cache {path} is a file, not a folder; point it at a folder (it is created if missing)"
+        )
+    if not path.exists():
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise OptionError(
+                f"--engine-cache {path} does not exist and cannot be created under {parent}; "
+                "point it at a writable folder"
+            )
+    return path
+
+
+@dataclasses.dataclass
+class EngineSelection:
+    """The validated engine options: which engines to build, where, with which numerics."""
+
+    models: list[str]
+    policies: dict[str, PrecisionPolicy]  # engine precision name -> policy, in the order given
+    backends: list[str]
+    device: str
+    model_paths: dict[str, Path]
+    weights_mode: str
+    engine_cache: Path | None
+    rebuild_engines: bool
+    compile_mode: str
+    numerics: Numerics
+
+    @property
+    def precisions(self) -> list[str]:
+        return list(self.policies)
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> "EngineSelection":
+        """Validate every engine option up front: a typo is a usage error, not a failing test."""
+        try:
+            models = parse_list(values.get("models"), flag="--models", default=DEFAULT_MODELS)
+            for name in models:
+                get_spec(name)
+            device = resolve_device(values.get("device") or "auto")
+            backends = parse_list(values.get("backends"), flag="--backends", default=default_backends(device))
+            for name in backends:
+                get_backend(name)
+            policies: dict[str, PrecisionPolicy] = {}
+            for spec in parse_list(values.get("precisions"), flag="--precisions", default=tuple(POLICIES)):
+                policy = get_policy(spec)
+                if policy.name in policies:
+                    raise OptionError(
+                        f"--precisions: two policies are named {policy.name!r} ({policies[policy.name].source} and "
+                        f"{policy.source}); engine names must be unique"
+                    )
+                policies[policy.name] = policy
+            cache = values.get("engine_cache")
+            engine_cache = check_cache_folder(Path(cache).expanduser()) if cache else None
+            weights_mode = values.get("weights") or "auto"
+            if weights_mode not in WEIGHTS_MODES:
+                raise OptionError(f"--weights must be one of {', '.join(WEIGHTS_MODES)}, got {weights_mode!r}")
+            return cls(
+                models=models,
+                policies=policies,
+                backends=backends,
+                device=device,
+                model_paths=parse_model_paths(values.get("model_path") or []),
+                weights_mode=weights_mode,
+                engine_cache=engine_cache,
+                rebuild_engines=bool(values.get("rebuild_engines")),
+                compile_mode=values.get("compile_mode") or "default",
+                numerics=get_numerics(values.get("numerics") or DEFAULT_NUMERICS),
+            )
+        except PolicyError as exc:
+            raise OptionError(str(exc)) from None
+
+    def record(self) -> dict[str, Any]:
+        """What reports record about the selection."""
+        return {
+            "models": self.models,
+            "precisions": self.precisions,
+            "policies": {name: p.describe() for name, p in self.policies.items() if p.source != "built-in"},
+            "backends": self.backends,
+            "device": self.device,
+            "weights": self.weights_mode,
+            "compile_mode": self.compile_mode,
+            "numerics": self.numerics.name,
+        }

@@ -1,0 +1,116 @@
+"""The pytest face of the engine factory, shared by the fidelity and perf plugins.
+
+Registers the engine options (group "engines") and the ``gpu``/``slow`` markers,
+validates the options at start-up (a bad value is a usage error naming the fix,
+before any engine is built), parametrizes every test that asks for ``engine`` with
+the selected model x backend x precision, and builds each engine once per session
+through :class:`~engines.factory.EngineFactory`.  A backend that cannot run here is a
+skip with its reason (and install hint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from engines.backends.base import BackendUnavailableError, Runner
+from engines.backends.registry import get_backend
+from engines.factory import EngineFactory, EngineSpec
+from engines.options import ENGINE_OPTIONS, EngineSelection, add_options, collect, usage_errors
+
+SELECTION_KEY = pytest.StashKey[EngineSelection]()
+FACTORY_KEY = pytest.StashKey[EngineFactory]()
+
+MARKERS = {
+    "gpu": "needs a CUDA GPU; skipped on a CPU-only machine",
+    "slow": "takes minutes; left out of quick runs with -m 'not slow'",
+}
+GPU_SKIP_REASON = "needs a CUDA GPU: run on a GPU machine with --device cuda (or auto)"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("engines", "engines under test (shared by the fidelity and perf suites)")
+    add_options(group.addoption, ENGINE_OPTIONS)
+
+
+def selection_of(config: pytest.Config) -> EngineSelection:
+    """The validated engine options of this session (parsed once; a bad value is a usage error)."""
+    selection = config.stash.get(SELECTION_KEY, None)
+    if selection is None:
+        try:
+            selection = EngineSelection.from_values(collect(config.getoption, ENGINE_OPTIONS))
+        except usage_errors() as exc:
+            raise pytest.UsageError(str(exc)) from None
+        config.stash[SELECTION_KEY] = selection
+    return selection
+
+
+def factory_of(config: pytest.Config) -> EngineFactory:
+    """The session's engine factory, created on first use (it sets the session's numerics)."""
+    factory = config.stash.get(FACTORY_KEY, None)
+    if factory is None:
+        factory = config.stash[FACTORY_KEY] = EngineFactory(selection_of(config))
+    return factory
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+    selection_of(config)  # validate now: errors at start-up, not in the first test
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "engine" not in metafunc.fixturenames:
+        return
+    factory = factory_of(metafunc.config)
+    params = []
+    for spec in factory.specs():
+        marks = [] if "cpu" in get_backend(spec.backend).devices else [pytest.mark.gpu]
+        params.append(pytest.param(spec, id=spec.id, marks=marks))
+    metafunc.parametrize("engine", params, indirect=True, scope="session")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") and not selection_of(item.config).device.startswith("cuda"):
+        spec = getattr(getattr(item, "callspec", None), "params", {}).get("engine")
+        if isinstance(spec, EngineSpec):
+            factory_of(item.config).skip(spec, GPU_SKIP_REASON)
+        pytest.skip(GPU_SKIP_REASON)
+
+
+@pytest.fixture(scope="session")
+def engine_factory(request: pytest.FixtureRequest) -> EngineFactory:
+    return factory_of(request.config)
+
+
+@pytest.fixture(scope="session")
+def engine(request: pytest.FixtureRequest, engine_factory: EngineFactory) -> Iterator[Runner]:
+    """One built engine per model x backend x precision, kept for the session's tests on it."""
+    from engines.cache import EngineCacheError
+    from engines.graphs.export import ExportError
+    from engines.models import ModelLoadError
+    from engines.precision.policy import PolicyError
+
+    spec: EngineSpec = request.param
+    skip = failure = None
+    try:
+        runner = engine_factory.build(spec)
+    except BackendUnavailableError as exc:
+        skip = str(exc)
+    except (ModelLoadError, ExportError, EngineCacheError, PolicyError) as exc:
+        failure = f"{spec.id}: {exc}"
+    # Outside the except blocks: the message alone, not a chained traceback.
+    if skip:
+        pytest.skip(skip)
+    if failure:
+        pytest.fail(failure, pytrace=False)
+    yield runner
+    runner.close()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    factory = config.stash.get(FACTORY_KEY, None)
+    if factory is not None:
+        factory.close()
