@@ -19,6 +19,8 @@ from typing import Any
 
 from engines.backends.base import split_engine_name
 from engines.models import get_spec
+from engines.files import atomic_write_text
+from engines.tables import render_table
 from perf.roofline import GPU_PEAKS, GpuPeaks, forward_cost
 
 
@@ -101,14 +103,12 @@ def _fmt(value: float | None, spec: str = ".3f", suffix: str = "") -> str:
 
 
 def target_lines(rows: list[Row], peaks: GpuPeaks | None) -> list[str]:
-    lines = [
-        "| target | best engine | measured | met | floor | measured / floor |",
-        "|---|---|---|---|---|---|",
-    ]
+    headers = ("target", "best engine", "measured", "met", "floor", "measured / floor")
+    lines: list[tuple[str, ...]] = []
     for target in TARGETS:
         best = _best(rows, target.model, target.precision, target.shape)
         if best is None:
-            lines.append(f"| {target.describe()} | not measured | - | - | - | - |")
+            lines.append((target.describe(), "not measured", "-", "-", "-", "-"))
             continue
         floor = floor_ms(best, peaks)
         ratio = None if floor is None else best.median_ms / floor
@@ -121,45 +121,46 @@ def target_lines(rows: list[Row], peaks: GpuPeaks | None) -> list[str]:
         else:
             other = _best(rows, target.relative_to or "", target.precision, target.shape)
             if other is None:
-                lines.append(f"| {target.describe()} | {target.relative_to} not measured | - | - | - | - |")
+                lines.append((target.describe(), f"{target.relative_to} not measured", "-", "-", "-", "-"))
                 continue
             relative = best.median_ms / other.median_ms
             measured = f"{relative:.2f}x ({best.median_ms:.3f} vs {other.median_ms:.3f} ms)"
             met = relative <= (target.max_ratio or 0)
         lines.append(
-            f"| {target.describe()} | {best.backend} | {measured} | {'yes' if met else '**no**'} | "
-            f"{_fmt(floor, '.3f', ' ms')} | {_fmt(ratio, '.1f', 'x')} |"
+            (target.describe(), best.backend, measured, "yes" if met else "**no**", _fmt(floor, ".3f", " ms"),
+             _fmt(ratio, ".1f", "x"))
         )
-    return lines
+    return [render_table(headers, lines, markdown=True)]
 
 
 def engine_lines(rows: list[Row], peaks: GpuPeaks | None) -> list[str]:
-    lines = [
-        "| engine | batch | seq | median ms | p99 ms | tokens/s | peak MiB (allocator) | device MiB (NVML) "
-        "| first call s | CPU FP32 ms | speedup vs CPU | floor ms | median / floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    headers = (
+        "engine", "batch", "seq", "median ms", "p99 ms", "tokens/s", "peak MiB (allocator)", "device MiB (NVML)",
+        "first call s", "CPU FP32 ms", "speedup vs CPU", "floor ms", "median / floor",
+    )
+    lines: list[tuple[str, ...]] = []
     for row in rows:
         info = row.info
         floor = floor_ms(row, peaks)
         peak = info.get("peak_device_bytes")
         nvml = info.get("device_used_bytes_nvml")
-        lines.append(
-            f"| {row.engine} | {row.shape[0]} | {row.shape[1]} | {row.median_ms:.3f} | {_fmt(info.get('p99_ms'))} | "
-            f"{info['tokens_per_s']:,.0f} | {_fmt(peak and peak / 2**20, '.0f')} | {_fmt(nvml and nvml / 2**20, '.0f')} | "
-            f"{_fmt(info.get('first_call_s'), '.1f')} | {_fmt(info.get('cpu_fp32_median_ms'), '.1f')} | "
-            f"{_fmt(info.get('speedup_over_cpu_fp32'), '.1f', 'x')} | {_fmt(floor)} | "
-            f"{_fmt(None if floor is None else row.median_ms / floor, '.1f', 'x')} |"
-        )
-    return lines
+        lines.append((
+            row.engine, str(row.shape[0]), str(row.shape[1]), f"{row.median_ms:.3f}", _fmt(info.get("p99_ms")),
+            f"{info['tokens_per_s']:,.0f}", _fmt(peak and peak / 2**20, ".0f"), _fmt(nvml and nvml / 2**20, ".0f"),
+            _fmt(info.get("first_call_s"), ".1f"), _fmt(info.get("cpu_fp32_median_ms"), ".1f"),
+            _fmt(info.get("speedup_over_cpu_fp32"), ".1f", "x"), _fmt(floor),
+            _fmt(None if floor is None else row.median_ms / floor, ".1f", "x"),
+        ))
+    return [render_table(headers, lines, markdown=True)]
 
 
 def precision_lines(rows: list[Row]) -> list[str]:
     """FP16 and hybrid against FP32 on the same backend and shape: speed and peak memory."""
-    lines = [
-        "| model | backend | batch | seq | fp32 ms | fp16 speedup | hybrid speedup | fp16 memory vs fp32 | hybrid memory vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    headers = (
+        "model", "backend", "batch", "seq", "fp32 ms", "fp16 speedup", "hybrid speedup", "fp16 memory vs fp32",
+        "hybrid memory vs fp32",
+    )
+    lines: list[tuple[str, ...]] = []
     by_key = {(r.model, r.backend, r.precision, r.shape): r for r in rows}
     for (model, backend, precision, shape), fp32 in sorted(by_key.items()):
         if precision != "fp32":
@@ -172,8 +173,8 @@ def precision_lines(rows: list[Row]) -> list[str]:
             row = by_key.get((model, backend, other, shape))
             base, mine = fp32.info.get("peak_device_bytes"), row and row.info.get("peak_device_bytes")
             cells.append("-" if not (base and mine) else f"{(mine - base) / base:+.0%}")
-        lines.append(f"| {model} | {backend} | {shape[0]} | {shape[1]} | {fp32.median_ms:.3f} | " + " | ".join(cells) + " |")
-    return lines
+        lines.append((model, backend, str(shape[0]), str(shape[1]), f"{fp32.median_ms:.3f}", *cells))
+    return [render_table(headers, lines, markdown=True)]
 
 
 def render(data: dict[str, Any], *, source: str) -> str:
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.benchmark_json} holds no perf results of this suite (no benchmark with extra_info.engine)")
     text = render(data, source=str(args.benchmark_json))
     if args.output:
-        args.output.write_text(text)
+        atomic_write_text(args.output, text)
     else:
         sys.stdout.write(text)
     return 0

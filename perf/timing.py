@@ -59,15 +59,16 @@ class TimedEngine:
         return (prepared,), {}
 
     def __call__(self, prepared: Any) -> None:
-        start = time.perf_counter() if self.injected_factor != 1.0 else 0.0
+        start = time.perf_counter()
         self.runner.run(prepared)
         self._sync()
-        # After the sync: a host sleep must not hide behind GPU work.
-        extra = self.injected_delay_s
-        if self.injected_factor != 1.0:
-            extra += (self.injected_factor - 1.0) * (time.perf_counter() - start)
-        if extra:
-            time.sleep(extra)
+        # After the sync (a host wait must not hide behind GPU work), and spinning, not
+        # sleeping: a sleep of tens of microseconds overshoots by as much again.
+        extra = self.injected_delay_s + (self.injected_factor - 1.0) * (time.perf_counter() - start)
+        if extra > 0:
+            deadline = time.perf_counter() + extra
+            while time.perf_counter() < deadline:
+                pass
 
 
 def median_seconds(call: TimedEngine, *, warmup: int, rounds: int) -> float:
