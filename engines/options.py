@@ -79,6 +79,25 @@ class Option:
         return kwargs
 
 
+def options_markdown(options: Iterable[Option]) -> str:
+    """A Markdown table of ``options`` (the README's option tables are this, checked by a test)."""
+    from engines.tables import render_table
+
+    rows = []
+    for option in options:
+        flag = f"`{option.flag}`" if option.metavar is None else f"`{option.flag} {option.metavar}`"
+        if option.kind == "flag":
+            default = "off"
+        elif option.kind == "append":
+            default = "none (repeatable)"
+        else:
+            default = option.default_text if option.default_text is not None else (
+                "none" if option.default is None else f"`{option.default}`"
+            )
+        rows.append(tuple(cell.replace("|", "\\|") for cell in (flag, default, option.help)))
+    return render_table(("option", "default", "meaning"), rows, markdown=True)
+
+
 def add_options(add: Callable[..., Any], options: Iterable[Option]) -> None:
     """Register ``options`` through ``add(flag, **kwargs)``: a pytest option group's ``addoption`` or argparse's ``add_argument``."""
     for option in options:

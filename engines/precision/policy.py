@@ -385,6 +385,18 @@ POLICIES: Mapping[str, PrecisionPolicy] = {
 }
 
 REFERENCE_POLICY = POLICIES["fp32"]
+
+
+def policies_markdown() -> str:
+    """The built-in policies as a Markdown table (the README's is this, checked by a test)."""
+    from engines.tables import render_table
+
+    rows = [
+        (f"`{p.name}`", *(p.classes[c] for c in OP_CLASSES), "yes" if p.strict_reductions else "no",
+         "yes" if p.gated_by_default else "no", p.description)
+        for p in POLICIES.values()
+    ]
+    return render_table(("policy", *OP_CLASSES, "strict reductions", "gated by default", "what it is"), rows, markdown=True)
 FILE_PREFIX = "file:"
 POLICY_FILE_SCHEMA_VERSION = 1
 _FILE_KEYS = {"schema", "name", "description", "base", "gated", "strict_reductions", "cosine_min", "classes", "overrides"}
