@@ -173,6 +173,21 @@ class EngineCache:
                 raise ValueError(f"{name} fails its checksum")
         return CacheEntry(key, path, recorded)
 
+    def _lookup(self, key: str, fields: dict[str, Any]) -> tuple[CacheEntry | None, str | None]:
+        """``(entry, None)`` when whole, ``(None, why)`` when damaged, ``(None, None)`` when absent.
+
+        An entry built for other fields (another GPU or version) raises: it is never
+        loaded, and never silently replaced either.
+        """
+        try:
+            return self._read_valid(key, fields), None
+        except ForeignEntryError as exc:
+            raise ForeignEntryError(
+                f"{exc}. It is not loaded. Remove {self.entry_path(key)} or use another --engine-cache."
+            ) from None
+        except ValueError as exc:
+            return None, str(exc)
+
     # -- the one public operation -------------------------------------------------------
     def get_or_build(
         self, fields: dict[str, Any], build: Callable[[Path], Any], *, description: str = ""
@@ -185,15 +200,7 @@ class EngineCache:
         force = self.rebuild and key not in self._rebuilt_this_session
         if not force:
             # A whole entry needs no lock: entries appear only by an atomic rename.
-            try:
-                entry = self._read_valid(key, fields)
-            except ForeignEntryError as exc:
-                # Never load it; never silently replace what another stack built either.
-                raise ForeignEntryError(
-                    f"{exc}. It is not loaded. Remove {self.entry_path(key)} or use another --engine-cache."
-                ) from None
-            except ValueError:
-                entry = None  # damaged: rebuilt below, under the lock
+            entry, _ = self._lookup(key, fields)
             if entry is not None:
                 self.events.append(CacheEvent(key, kind, "hit", time.perf_counter() - started))
                 return entry
@@ -204,26 +211,18 @@ class EngineCache:
                 "with a run that can write it"
             )
         with self.lock(key):
-            outcome = "built"
-            note = ""
+            outcome, note = "built", ""
             force = self.rebuild and key not in self._rebuilt_this_session
             if force:
                 outcome = "rebuilt-forced"
             else:
-                try:
-                    entry = self._read_valid(key, fields)
-                except ForeignEntryError as exc:
-                    # Never load it; never silently replace what another stack built either.
-                    raise ForeignEntryError(
-                        f"{exc}. It is not loaded. Remove {self.entry_path(key)} or use another --engine-cache."
-                    ) from None
-                except ValueError as exc:
-                    warnings.warn(f"engine cache: {description or kind} entry {key} is corrupt ({exc}); rebuilding")
-                    outcome, note = "rebuilt-corrupt", str(exc)
-                    entry = None
+                entry, damage = self._lookup(key, fields)  # again: another process may have built it meanwhile
                 if entry is not None:
                     self.events.append(CacheEvent(key, kind, "hit", time.perf_counter() - started))
                     return entry
+                if damage is not None:
+                    warnings.warn(f"engine cache: {description or kind} entry {key} is corrupt ({damage}); rebuilding")
+                    outcome, note = "rebuilt-corrupt", damage
             entry = self._build(key, fields, build, description)
             self._rebuilt_this_session.add(key)
             self.events.append(CacheEvent(key, kind, outcome, time.perf_counter() - started, note))

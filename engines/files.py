@@ -29,3 +29,13 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 def atomic_write_json(path: Path, data: Any, **dump_kwargs: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, **{"indent": 2, **dump_kwargs}) + "\n")
+
+
+def write_or_print(text: str, path: Path | None) -> None:
+    """A command's output: to ``path`` (atomically) when given, else to stdout."""
+    import sys
+
+    if path is not None:
+        atomic_write_text(path, text)
+    else:
+        sys.stdout.write(text)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engines.files import atomic_write_json, atomic_write_text
+from engines.files import atomic_write_json, write_or_print
 from engines.tables import render_table
 from fidelity.metrics import FidelityResult
 
@@ -395,11 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         data = load_report(args.report)
     except ValueError as exc:
         parser.error(str(exc))
-    text = render_markdown(data)
-    if args.output:
-        atomic_write_text(args.output, text)
-    else:
-        print(text, end="")
+    write_or_print(render_markdown(data), args.output)
     return 0
 
 

@@ -103,10 +103,6 @@ def machine_facts(device: str, numerics: dict[str, Any]) -> dict[str, Any]:
     return facts
 
 
-def machine_dir(device: str, root: Path) -> Path:
-    return root / machine_id(device)
-
-
 def baseline_files(folder: Path) -> list[Path]:
     """Stored runs under ``folder``, oldest first (pytest-benchmark's 0001_, 0002_... counter decides)."""
     if not folder.is_dir():

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from engines.files import atomic_write_text
+from engines.files import write_or_print
 from engines.tables import render_table
 from perf.stats import DEFAULT_ALPHA, DEFAULT_THRESHOLD, Comparison, compare_memory, compare_samples, suite_aggregate
 
@@ -110,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     text = render(args.baseline, args.candidate, baseline, candidate, threshold=args.threshold, alpha=args.alpha)
-    if args.output:
-        atomic_write_text(args.output, text)
-    else:
-        sys.stdout.write(text)
+    write_or_print(text, args.output)
     return 0
 
 

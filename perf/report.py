@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from engines.backends.base import split_engine_name
 from engines.models import get_spec
-from engines.files import atomic_write_text
+from engines.files import write_or_print
 from engines.tables import render_table
 from perf.roofline import GPU_PEAKS, GpuPeaks, forward_cost
 
@@ -221,10 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if not load_rows(data):
         parser.error(f"{args.benchmark_json} holds no perf results of this suite (no benchmark with extra_info.engine)")
     text = render(data, source=str(args.benchmark_json))
-    if args.output:
-        atomic_write_text(args.output, text)
-    else:
-        sys.stdout.write(text)
+    write_or_print(text, args.output)
     return 0
 
 

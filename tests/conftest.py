@@ -29,3 +29,32 @@ def engine_cache(tmp_path_factory):
     from engines.cache import EngineCache
 
     return EngineCache(tmp_path_factory.mktemp("engine-cache"))
+
+
+@pytest.fixture
+def interrupted_run():
+    """``interrupted_run(args, cwd)``: run a pytest session, send it Ctrl-C after its first PASSED item.
+
+    Returns ``(exit code, output)``; pytest's exit code for an interrupted session is 2.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    def run(args: list[str], cwd) -> tuple[int, str]:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", *args],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        output = []
+        for line in proc.stdout:
+            output.append(line)
+            if "PASSED" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        output.extend(proc.stdout)
+        return proc.wait(timeout=300), "".join(output)
+
+    return run

@@ -115,32 +115,21 @@ def test_help_states_the_defaults_that_run():
 
 
 @pytest.mark.slow
-def test_an_interrupted_fidelity_run_keeps_its_rows_and_says_it_was_interrupted(tmp_path):
-    import signal
-
+def test_an_interrupted_fidelity_run_keeps_its_rows_and_says_it_was_interrupted(tmp_path, interrupted_run):
     report = tmp_path / "r.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-m", "fidelity", "fidelity",
-         "--models=tiny-bert,tiny-gpt2", "--precisions=fp32,hybrid,fp16,bf16", "--input-profile=ci",
-         f"--fidelity-report={report}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    code, output = interrupted_run(
+        ["-m", "fidelity", "fidelity", "--models=tiny-bert,tiny-gpt2", "--precisions=fp32,hybrid,fp16,bf16",
+         "--input-profile=ci", f"--fidelity-report={report}"],
+        ROOT,
     )
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if "PASSED" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    output.extend(proc.stdout)
-    assert proc.wait(timeout=300) == 2, "".join(output)[-3000:]  # pytest's "interrupted"
+    assert code == 2, output[-3000:]  # pytest's "interrupted"
     data = json.loads(report.read_text())
     assert data["interrupted"] is True
     assert data["rows"], "what was measured before Ctrl-C is kept"
     finished = [r for r in data["rows"] if not r["partial"]]
     assert finished and all(r["verdict"] in ("PASS", "measured") for r in finished)
     assert all(r["verdict"] == "PARTIAL (interrupted)" for r in data["rows"] if r["partial"])
-    assert "INTERRUPTED" in "".join(output)
+    assert "INTERRUPTED" in output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -37,6 +37,22 @@ class BackendUnavailableError(RuntimeError):
         self.install_hint = install_hint
 
 
+def require_runtime(module: str, *, what: str, install_hint: str, minimum_major: int | None = None):
+    """Import a backend's runtime on first use; a missing or too old one is BackendUnavailableError with the hint."""
+    import importlib
+
+    try:
+        runtime = importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailableError(f"{what} is not installed", install_hint) from exc
+    version = getattr(runtime, "__version__", "0")
+    if minimum_major is not None and int(version.split(".")[0]) < minimum_major:
+        raise BackendUnavailableError(
+            f"{what} {version} is too old; this backend needs {module}>={minimum_major}", install_hint
+        )
+    return runtime
+
+
 def split_engine_name(name: str) -> tuple[str, str, str]:
     """``model/backend/precision`` (a :attr:`Runner.name`, as stored with each perf result) split into its parts."""
     model, backend, precision = name.split("/")

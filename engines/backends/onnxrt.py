@@ -17,8 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from engines.backends.base import BackendUnavailableError, EngineInfo, Runner
-
+from engines.backends.base import BackendUnavailableError, EngineInfo, Runner, require_runtime
 from engines.batch import TokenBatch
 
 INSTALL_HINT = "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA/TensorRT providers)"
@@ -26,11 +25,7 @@ CPU_NOTE = "CPU provider: FP16/BF16 ops without CPU kernels run in FP32 after in
 
 
 def _onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise BackendUnavailableError("onnxruntime is not installed", INSTALL_HINT) from exc
-    return onnxruntime
+    return require_runtime("onnxruntime", what="onnxruntime", install_hint=INSTALL_HINT)
 
 
 def providers_for(device: str) -> list[str]:

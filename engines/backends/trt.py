@@ -30,10 +30,9 @@ import torch
 
 from engines.precision.audit import PrecisionMismatchError
 from engines.precision.policy import DTYPES, OP_CLASSES
-from engines.backends.base import BackendUnavailableError, EngineInfo, EngineMemory, Runner
+from engines.backends.base import BackendUnavailableError, EngineInfo, EngineMemory, Runner, require_runtime
 from engines.batch import InvalidInputError, TokenBatch
 
-REQUIRES = "tensorrt>=10"
 INSTALL_HINT = (
     "pip install --extra-index-url https://pypi.nvidia.com tensorrt (TensorRT 10 or 11 for your CUDA), "
     "or run inside an NGC TensorRT container (nvcr.io/nvidia/tensorrt)"
@@ -44,14 +43,7 @@ BUILD_LOG_FILE = "build.log"
 
 def import_tensorrt():
     """``tensorrt`` >= 10, or BackendUnavailableError carrying the install hint."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise BackendUnavailableError("TensorRT is not installed", INSTALL_HINT) from exc
-    major = int(trt.__version__.split(".")[0])
-    if major < 10:
-        raise BackendUnavailableError(f"TensorRT {trt.__version__} is too old; this backend needs {REQUIRES}", INSTALL_HINT)
-    return trt
+    return require_runtime("tensorrt", what="TensorRT", install_hint=INSTALL_HINT, minimum_major=10)
 
 
 @dataclasses.dataclass(frozen=True)

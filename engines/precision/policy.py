@@ -189,10 +189,6 @@ OP_CLASSES: dict[str, OpClass] = {
 }
 
 
-def op_class_names() -> tuple[str, ...]:
-    return tuple(OP_CLASSES)
-
-
 def op_class_of_module(module: Any) -> str | None:
     """The op class a torch module belongs to by its class name (``Linear``, ``Conv1D``, ``LayerNorm``)."""
     kind = type(module).__name__

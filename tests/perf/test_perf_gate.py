@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -135,26 +134,17 @@ def test_baseline_from_another_architecture_is_refused(saved, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_interrupted_save_keeps_what_it_measured_and_is_not_the_default_baseline(saved, tmp_path):
+def test_an_interrupted_save_keeps_what_it_measured_and_is_not_the_default_baseline(saved, tmp_path, interrupted_run):
     storage = tmp_path / "storage"
     shutil.copytree(saved, storage)
     (earlier,) = storage.rglob("0001_*.json")
     earlier_bytes = earlier.read_bytes()
     # 300 ms per call makes each item last seconds: Ctrl-C lands in the second one.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", *SELECT, "-v", f"--benchmark-storage=file://{storage}",
-         "--benchmark-save=nightly", "--perf-slow-engine", "*=300"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    code, output = interrupted_run(
+        [*SELECT, f"--benchmark-storage=file://{storage}", "--benchmark-save=nightly", "--perf-slow-engine", "*=300"],
+        ROOT,
     )
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if "PASSED" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    output.extend(proc.stdout)
-    assert proc.wait(timeout=300) == 2, "".join(output)[-3000:]  # pytest's "interrupted"
+    assert code == 2, output[-3000:]  # pytest's "interrupted"
 
     assert earlier.read_bytes() == earlier_bytes
     (partial,) = storage.rglob("0002_nightly.json")
