@@ -47,7 +47,7 @@ class EngineFactory:
         configure_process(selection.numerics)
         self.loader = ModelLoader(model_paths=selection.model_paths, weights_mode=selection.weights_mode)
         self.cache = EngineCache(selection.engine_cache, rebuild=selection.rebuild_engines)
-        self.options = BuildOptions(cache=self.cache, compile_mode=selection.compile_mode)
+        self.options = BuildOptions(cache=self.cache, compile_mode=selection.compile_mode, trt_target=selection.trt_target)
         self.built: dict[str, dict[str, Any]] = {}  # engine id -> info, audit, build seconds
         self.skipped: dict[str, str] = {}  # engine id -> reason
         self._references: dict[str, TorchReferenceRunner] = {}
@@ -79,18 +79,28 @@ class EngineFactory:
         backend = get_backend(spec.backend)
         device = device or self.device
         key = spec.id if device == self.device else f"{spec.id} on {device}"
+        started = time.perf_counter()
         try:
-            if not self.runs_here(spec.backend, device):
+            if not self.runs_here(spec.backend, device) and not backend.builds_anywhere:
                 raise BackendUnavailableError(
                     f"backend {spec.backend} runs on {', '.join(backend.devices)}, not {device}; "
                     "run on a GPU machine with --device cuda"
                 )
             runner_cls = backend.load()
-            started = time.perf_counter()
             runner = runner_cls(self.model(spec.model), self.policy(spec.precision), device, self.options)
             runner.build()
         except BackendUnavailableError as exc:
             self.skipped[key] = str(exc)
+            built_only = getattr(exc, "info", None)  # built, checked and cached, but not runnable here
+            if built_only is not None:
+                self.built[key] = {
+                    **built_only.as_dict(),
+                    "runnable": False,
+                    "not_runnable_because": str(exc),
+                    "policy": self.policy(spec.precision).describe(),
+                    "build_seconds": round(time.perf_counter() - started, 3),
+                    "audit": exc.audit.as_dict(),
+                }
             raise
         self.built[key] = {
             **runner.info().as_dict(),

@@ -172,6 +172,13 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
         choices=("default", "max-autotune"),
     ),
     Option(
+        "--trt-target",
+        "compute capability TensorRT engines are built for (SM75, SM80, SM86, SM89, SM120, ...): TensorRT for RTX "
+        "builds ahead of time, also without a GPU; full TensorRT builds for the local GPU only",
+        default="auto",
+        default_text="auto: the local GPU where the runtime runs on it, else SM80",
+    ),
+    Option(
         "--numerics",
         "numerics of the engines under test: "
         + "; ".join(f"{n.name}: {n.description}" for n in NUMERICS.values())
@@ -194,6 +201,15 @@ def parse_model_paths(items: list[str]) -> dict[str, Path]:
         validate_model_dir(path, spec)
         paths[name] = path
     return paths
+
+
+def check_trt_target(value: str) -> str:
+    """``auto`` or a compute capability written as TensorRT names it (``SM80``); the runtime checks it offers it."""
+    import re
+
+    if value != "auto" and not re.fullmatch(r"SM\d{2,3}", value):
+        raise OptionError(f"--trt-target must be auto or a compute capability such as SM80 or SM86, got {value!r}")
+    return value
 
 
 def check_cache_folder(path: Path) -> Path:
@@ -226,6 +242,7 @@ class EngineSelection:
     rebuild_engines: bool
     compile_mode: str
     numerics: Numerics
+    trt_target: str = "auto"
 
     @property
     def precisions(self) -> list[str]:
@@ -267,6 +284,7 @@ class EngineSelection:
                 rebuild_engines=bool(values.get("rebuild_engines")),
                 compile_mode=values.get("compile_mode") or "default",
                 numerics=get_numerics(values.get("numerics") or DEFAULT_NUMERICS),
+                trt_target=check_trt_target(values.get("trt_target") or "auto"),
             )
         except PolicyError as exc:
             raise OptionError(str(exc)) from None
@@ -281,5 +299,6 @@ class EngineSelection:
             "device": self.device,
             "weights": self.weights_mode,
             "compile_mode": self.compile_mode,
+            "trt_target": self.trt_target,
             "numerics": self.numerics.name,
         }

@@ -261,7 +261,9 @@ class FidelityReport:
         out.append("")
         out.append("tokenizers: " + "; ".join(tokenizers))
         out.extend(f"note: {n}" for n in self.notes)
-        out.extend(f"skipped {engine}: {reason}" for engine, reason in self.skipped.items())
+        built_only = {e for e, info in self.engines.items() if info.get("runnable") is False}
+        out.extend(f"built, not runnable here: {e} ({self.engines[e].get('mode')})" for e in sorted(built_only))
+        out.extend(f"skipped {engine}: {reason}" for engine, reason in self.skipped.items() if engine not in built_only)
         if self.interrupted:
             out.append("INTERRUPTED: the run was stopped; rows marked PARTIAL hold what was measured before it")
         return "\n".join(out)
@@ -360,10 +362,15 @@ def render_markdown(data: dict[str, Any]) -> str:
     if policies:
         lines += ["", "Policy files:", ""]
         lines += [f"- `{name}`: {p['source']} (sha256 {p['sha256']})" for name, p in policies.items()]
+    built_only = {e: info for e, info in (data.get("engines") or {}).items() if info.get("runnable") is False}
+    if built_only:
+        lines += ["", "Built, checked and cached, not runnable here:", ""]
+        lines += [f"- {e}: {info.get('not_runnable_because', '')}" for e, info in built_only.items()]
     if data.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in data["notes"]]
-    if data.get("skipped"):
-        lines += ["", "Skipped:", ""] + [f"- {k}: {v}" for k, v in data["skipped"].items()]
+    skipped = {k: v for k, v in (data.get("skipped") or {}).items() if k not in built_only}
+    if skipped:
+        lines += ["", "Skipped:", ""] + [f"- {k}: {v}" for k, v in skipped.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -95,7 +95,7 @@ def machine_facts(device: str, numerics: dict[str, Any]) -> dict[str, Any]:
         "transformers": env.get("transformers"),
         "cpu": _cpu_model(),
     }
-    for name in ("onnxruntime", "tensorrt"):
+    for name in ("onnxruntime", "tensorrt", "tensorrt_rtx"):
         try:
             facts[name] = __import__(name).__version__
         except ImportError:

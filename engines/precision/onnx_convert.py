@@ -446,6 +446,17 @@ def audit_graph(model, policy: PrecisionPolicy, *, engine: str) -> PrecisionAudi
     )
 
 
+def expected_node_dtypes(model, policy: PrecisionPolicy) -> dict[str, tuple[str, str]]:
+    """``{node name: (op class, dtype)}`` for every compute node of a checked op class (what a TensorRT network
+    parsed from ``model`` must keep, layer by layer: the parser names layers after their nodes)."""
+    checked = set(checked_classes())
+    return {
+        node.name: (op_class, node_dtype(policy, op_class, node))
+        for node, op_class, _ in _compute_nodes(model, _infer_types(model))
+        if op_class in checked
+    }
+
+
 def check_graph_policy(model, policy: PrecisionPolicy) -> dict[str, dict[str, int]]:
     """Raise unless every compute node runs in its dtype under ``policy``; return the dtype table."""
     audit = audit_graph(model, policy, engine="precision graph")

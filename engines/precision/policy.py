@@ -97,7 +97,7 @@ DTYPES: Mapping[str, DType] = {
     for d in (
         DType(FLOAT32, "fp32", "float32", "FLOAT", "FLOAT", ("FP32", "Float")),
         DType(FLOAT16, "fp16", "float16", "FLOAT16", "HALF", ("FP16", "Half")),
-        DType(BFLOAT16, "bf16", "bfloat16", "BFLOAT16", "BF16", ("BF16",)),
+        DType(BFLOAT16, "bf16", "bfloat16", "BFLOAT16", "BF16", ("BF16", "BFloat16")),
     )
 }
 _DTYPE_ALIASES = {d.short: d.name for d in DTYPES.values()}
