@@ -22,7 +22,7 @@ from engines.env import environment_info
 from engines.models import LoadedModel, ModelLoader
 from engines.numerics import configure_process, record
 from engines.options import EngineSelection
-from engines.precision.policy import PrecisionPolicy, get_policy
+from engines.precision.policy import REFERENCE_POLICY, PrecisionPolicy, get_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +43,6 @@ class EngineFactory:
     def __init__(self, selection: EngineSelection) -> None:
         self.selection = selection
         self.device = selection.device
-        # Numerics are process-wide in torch: set once, before any engine exists.
-        configure_process(selection.numerics)
         self.loader = ModelLoader(model_paths=selection.model_paths, weights_mode=selection.weights_mode)
         self.cache = EngineCache(selection.engine_cache, rebuild=selection.rebuild_engines)
         self.options = BuildOptions(cache=self.cache, compile_mode=selection.compile_mode, trt_target=selection.trt_target)
@@ -52,6 +50,10 @@ class EngineFactory:
         self.skipped: dict[str, str] = {}  # engine id -> reason
         self._references: dict[str, TorchReferenceRunner] = {}
         self._environment: dict[str, Any] | None = None
+
+    def apply_numerics(self) -> None:
+        """Set the session's numerics; torch's settings are process-wide, so once, before any engine exists."""
+        configure_process(self.selection.numerics)
 
     # -- what to build -----------------------------------------------------------------
     def specs(self) -> list[EngineSpec]:
@@ -116,7 +118,7 @@ class EngineFactory:
     def reference(self, model_name: str) -> TorchReferenceRunner:
         """The FP32 reference of ``model_name`` on this device, built once (deterministic kernels, TF32 off)."""
         if model_name not in self._references:
-            runner = TorchReferenceRunner(self.model(model_name), self.device).build()
+            runner = TorchReferenceRunner(self.model(model_name), REFERENCE_POLICY, self.device).build()
             self.built[runner.name] = {**runner.info().as_dict(), "audit": runner.audit.as_dict()}
             self._references[model_name] = runner
         return self._references[model_name]

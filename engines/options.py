@@ -109,6 +109,14 @@ def collect(get: Callable[[str], Any], options: Iterable[Option]) -> dict[str, A
     return {option.dest: get(option.dest) for option in options}
 
 
+def value_or_default(values: dict[str, Any], options: Iterable[Option], dest: str) -> Any:
+    """``values[dest]`` when given, else the default its Option declares (the one place a default is written)."""
+    value = values.get(dest)
+    if value is not None:
+        return value
+    return next(o.default for o in options if o.dest == dest)
+
+
 def parse_list(value: str | None, *, flag: str, default: Sequence[str] | None = None) -> list[str]:
     """The one comma-list parser: None (not given) is ``default``; an empty list given is an error."""
     if value is None:
@@ -212,18 +220,18 @@ def check_trt_target(value: str) -> str:
     return value
 
 
-def check_cache_folder(path: Path) -> Path:
+def check_cache_folder(path: Path, *, source: str = "--engine-cache") -> Path:
     """An engine cache folder: refused if it is a file or cannot be created; a read-only one is allowed."""
     if path.exists() and not path.is_dir():
         raise OptionError(
-            f"--engine-cache {path} is a file, not a folder; point it at a folder (it is created if missing)"
+            f"{source} {path} is a file, not a folder; point --engine-cache at a folder (it is created if missing)"
         )
     if not path.exists():
         parent = next((p for p in path.parents if p.exists()), None)
         if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
             raise OptionError(
-                f"--engine-cache {path} does not exist and cannot be created under {parent}; "
-                "point it at a writable folder"
+                f"{source} {path} does not exist and cannot be created under {parent}; "
+                "point --engine-cache at a writable folder"
             )
     return path
 
@@ -255,7 +263,8 @@ class EngineSelection:
             models = parse_list(values.get("models"), flag="--models", default=DEFAULT_MODELS)
             for name in models:
                 get_spec(name)
-            device = resolve_device(values.get("device") or "auto")
+            given = lambda dest: value_or_default(values, ENGINE_OPTIONS, dest)  # noqa: E731
+            device = resolve_device(given("device"))
             backends = parse_list(values.get("backends"), flag="--backends", default=default_backends(device))
             for name in backends:
                 get_backend(name)
@@ -270,7 +279,11 @@ class EngineSelection:
                 policies[policy.name] = policy
             cache = values.get("engine_cache")
             engine_cache = check_cache_folder(Path(cache).expanduser()) if cache else None
-            weights_mode = values.get("weights") or "auto"
+            if engine_cache is None:
+                from engines.cache import default_cache_root
+
+                check_cache_folder(default_cache_root(), source="$FIDELITY_ENGINE_CACHE (or the default)")
+            weights_mode = given("weights")
             if weights_mode not in WEIGHTS_MODES:
                 raise OptionError(f"--weights must be one of {', '.join(WEIGHTS_MODES)}, got {weights_mode!r}")
             return cls(
@@ -282,9 +295,9 @@ class EngineSelection:
                 weights_mode=weights_mode,
                 engine_cache=engine_cache,
                 rebuild_engines=bool(values.get("rebuild_engines")),
-                compile_mode=values.get("compile_mode") or "default",
-                numerics=get_numerics(values.get("numerics") or DEFAULT_NUMERICS),
-                trt_target=check_trt_target(values.get("trt_target") or "auto"),
+                compile_mode=given("compile_mode"),
+                numerics=get_numerics(given("numerics")),
+                trt_target=check_trt_target(given("trt_target")),
             )
         except PolicyError as exc:
             raise OptionError(str(exc)) from None

@@ -51,6 +51,7 @@ def factory_of(config: pytest.Config) -> EngineFactory:
     factory = config.stash.get(FACTORY_KEY, None)
     if factory is None:
         factory = config.stash[FACTORY_KEY] = EngineFactory(selection_of(config))
+        factory.apply_numerics()  # the session's numerics, before any engine exists
     return factory
 
 

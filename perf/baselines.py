@@ -36,6 +36,9 @@ NUMERICS_BEFORE_SCHEMA_2 = "deterministic"
 # Runs saved before it existed (baselines 0001-0003 of the H100) have none and count as complete.
 RUN_RECORD_KEY = "fidelity_suite_run"
 RUN_RECORD_SCHEMA_VERSION = 1
+# A top-level block of each saved run: how it was measured and gated (perf.options.PerfOptions.record) and
+# which engines it selected (engines.options.EngineSelection.record: policy files with their sha256).
+OPTIONS_KEY = "fidelity_suite_options"
 # Facts that must match between a baseline and the candidate.  Runtimes are
 # checked by major version only (an upgrade within a major is exactly what the
 # gate is for), and only the runtimes the baseline's engines ran on
@@ -114,15 +117,31 @@ class BaselineSelectionError(ValueError):
     """``--benchmark-compare=SPEC`` names no stored run, or more than one."""
 
 
+def read_run(path: Path) -> dict[str, Any]:
+    """A stored run's JSON; ValueError naming the file when it is unreadable (truncated, binary, not an object)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable saved run ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a saved run (its JSON is not an object)")
+    return data
+
+
+_UNREADABLE = {"unreadable": True}
+
+
 def run_record(path: Path) -> dict[str, Any] | None:
     """The "fidelity_suite_run" block of a stored run: None for runs saved before it existed."""
     try:
-        return json.loads(path.read_text()).get(RUN_RECORD_KEY)
-    except (OSError, ValueError):
-        return None
+        return read_run(path).get(RUN_RECORD_KEY)
+    except ValueError:
+        return _UNREADABLE
 
 
 def _incomplete_reason(record: dict[str, Any] | None) -> str | None:
+    if record is _UNREADABLE:
+        return "its JSON does not read (a truncated or damaged file)"
     if record is None or record.get("complete", True):
         return None
     how = "interrupted" if record.get("interrupted") else "stopped early"
@@ -201,13 +220,36 @@ class Baseline:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        data = json.loads(path.read_text())
+        try:
+            data = read_run(path)
+        except ValueError as exc:
+            raise BaselineMismatchError(f"{exc}; it is not compared") from None
         self.facts: dict[str, Any] = data.get("machine_info", {}).get("fidelity_suite", {})
         if not self.facts:
             raise BaselineMismatchError(
                 f"{path} has no fidelity_suite machine facts (not saved by this suite); it is not compared"
             )
+        self.options: dict[str, Any] = data.get(OPTIONS_KEY) or {}
+        if self.options.get("slowdowns"):
+            raise BaselineMismatchError(
+                f"{path} was saved with an injected slowdown (--perf-slow-engine {self.options['slowdowns']}): a "
+                "test of the gate, not a baseline; it is not compared"
+            )
         self.benchmarks = {b["fullname"]: b for b in data.get("benchmarks", [])}
+
+    def check_policies(self, current: dict[str, dict[str, Any]]) -> None:
+        """Refuse the baseline where a policy file of the same name now has other contents (sha256)."""
+        recorded = (self.options.get("engines") or {}).get("policies") or {}
+        changed = [
+            f"{name} ({recorded[name].get('sha256', '')[:12]} then, {policy.get('sha256', '')[:12]} now)"
+            for name, policy in current.items()
+            if name in recorded and recorded[name].get("sha256") != policy.get("sha256")
+        ]
+        if changed:
+            raise BaselineMismatchError(
+                f"baseline {self.path}: the policy file(s) {', '.join(changed)} changed since it was saved, so its "
+                "engines are not these; it is not compared. Save a new baseline, or rename the changed policy."
+            )
 
     @property
     def backends(self) -> set[str]:

@@ -13,29 +13,39 @@ only one run are listed, not compared.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from engines.files import write_or_print
+from perf.baselines import read_run
 from engines.tables import render_table
-from perf.stats import DEFAULT_ALPHA, DEFAULT_THRESHOLD, Comparison, compare_memory, compare_samples, suite_aggregate
+from perf.stats import (
+    DEFAULT_ALPHA,
+    DEFAULT_MEMORY_THRESHOLD,
+    DEFAULT_THRESHOLD,
+    Comparison,
+    compare_memory,
+    compare_samples,
+    suite_aggregate,
+)
 
 FACT_KEYS = ("machine_id", "numerics", "gpu", "driver", "cuda", "torch", "transformers", "onnxruntime", "tensorrt")
 
 
 def load_run(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict) or not data.get("benchmarks"):
+    data = read_run(path)
+    if not data.get("benchmarks"):
         raise ValueError(f"{path} holds no benchmarks: not a run saved with pytest --benchmark-save")
     return data
 
 
 def compare_runs(
-    baseline: dict[str, Any], candidate: dict[str, Any], *, threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA
+    baseline: dict[str, Any],
+    candidate: dict[str, Any],
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    memory_threshold: float = DEFAULT_MEMORY_THRESHOLD,
+    alpha: float = DEFAULT_ALPHA,
 ) -> tuple[list[tuple[str, Comparison, Comparison | None]], list[str]]:
     """``[(engine and shape, latency, memory or None)]`` for items in both runs, and the names in only one."""
     base = {b["fullname"]: b for b in baseline["benchmarks"]}
@@ -47,7 +57,7 @@ def compare_runs(
         label = f"{info.get('engine', name)} b{info.get('batch')} s{info.get('sequence')}"
         latency = compare_samples(label, c["stats"]["data"], b["stats"]["data"], threshold=threshold, alpha=alpha)
         b_mem, c_mem = b.get("extra_info", {}).get("peak_device_bytes"), info.get("peak_device_bytes")
-        memory = compare_memory(label, c_mem, b_mem, threshold=threshold) if b_mem and c_mem else None
+        memory = compare_memory(label, c_mem, b_mem, threshold=memory_threshold) if b_mem and c_mem else None
         compared.append((label, latency, memory))
     only = sorted(set(base) ^ set(cand))
     return compared, only
@@ -100,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.compare", description=__doc__.splitlines()[0])
     parser.add_argument("baseline", type=Path)
     parser.add_argument("candidate", type=Path)
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="effect that a verdict needs")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="latency effect that a verdict needs")
+    parser.add_argument("--memory-threshold", type=float, default=DEFAULT_MEMORY_THRESHOLD, help="memory growth that fails")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="significance level")
     parser.add_argument("-o", "--output", type=Path, help="write Markdown here (default: stdout)")
     args = parser.parse_args(argv)
@@ -108,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         baseline, candidate = load_run(args.baseline), load_run(args.candidate)
     except ValueError as exc:
         parser.error(str(exc))
-    text = render(args.baseline, args.candidate, baseline, candidate, threshold=args.threshold, alpha=args.alpha)
+    text = render(args.baseline, args.candidate, baseline, candidate, threshold=args.threshold,
+                  memory_threshold=args.memory_threshold, alpha=args.alpha)
     write_or_print(text, args.output)
     return 0
 

@@ -7,7 +7,7 @@ import fnmatch
 from typing import Any
 
 from engines.backends.registry import BACKENDS, get_backend
-from engines.options import Option, OptionError, parse_list
+from engines.options import Option, OptionError, parse_list, value_or_default
 from perf.stats import (
     DEFAULT_ALPHA,
     DEFAULT_MEMORY_THRESHOLD,
@@ -148,15 +148,16 @@ class PerfOptions:
             raise OptionError(
                 f"--perf-memory-cap-gib caps GPU memory; the device is {device}. Drop the option or use --device cuda"
             )
+        given = lambda dest: value_or_default(values, PERF_OPTIONS, dest)  # noqa: E731
         return cls(
             grid=values.get("perf_grid") or DEFAULT_GRID[kind],
             rounds=rounds or ROUNDS[kind],
             warmup=warmup if warmup is not None else WARMUP[kind],
-            threshold=_or(values.get("perf_threshold"), DEFAULT_THRESHOLD),
-            memory_threshold=_or(values.get("perf_memory_threshold"), DEFAULT_MEMORY_THRESHOLD),
-            suite_threshold=_or(values.get("perf_suite_threshold"), DEFAULT_SUITE_THRESHOLD),
-            inconclusive=values.get("perf_inconclusive") or "report",
-            alpha=_or(alpha, DEFAULT_ALPHA),
+            threshold=given("perf_threshold"),
+            memory_threshold=given("perf_memory_threshold"),
+            suite_threshold=given("perf_suite_threshold"),
+            inconclusive=given("perf_inconclusive"),
+            alpha=given("perf_alpha"),
             require_baseline=bool(values.get("require_baseline")),
             gate_backends=gate_backends,
             memory_cap_gib=cap,
@@ -174,6 +175,7 @@ class PerfOptions:
         return delay, factor
 
     def record(self) -> dict[str, Any]:
+        """What a saved run records about how it was measured and gated (an injected slowdown above all)."""
         return {
             "grid": self.grid,
             "rounds": self.rounds,
@@ -183,11 +185,11 @@ class PerfOptions:
             "suite_threshold": self.suite_threshold,
             "inconclusive": self.inconclusive,
             "alpha": self.alpha,
+            "gate_backends": sorted(self.gate_backends),
+            "memory_cap_gib": self.memory_cap_gib,
+            "cpu_baseline": self.cpu_baseline,
+            "slowdowns": [dataclasses.asdict(s) for s in self.slowdowns],
         }
-
-
-def _or(value, default):
-    return default if value is None else value
 
 
 def parse_slowdown(item: str) -> Slowdown:

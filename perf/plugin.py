@@ -19,6 +19,7 @@ import pytest
 from engines.options import OptionError, add_options, collect, usage_errors
 from engines.plugin import factory_of, selection_of
 from perf.baselines import (
+    OPTIONS_KEY,
     RUN_RECORD_KEY,
     Baseline,
     BaselineMismatchError,
@@ -114,6 +115,7 @@ def pytest_configure(config: pytest.Config) -> None:
             baseline = Baseline(baseline_path)
             current = machine_facts(device, factory.numerics_record())
             check_compatible(baseline.facts, current, source=baseline_path, backends=baseline.backends)
+            baseline.check_policies(selection.record()["policies"])
         except BaselineMismatchError as exc:
             raise pytest.UsageError(str(exc)) from None
     session = PerfSession(options, factory, baseline=baseline, compare=compare)
@@ -183,7 +185,7 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
     session = config.stash.get(PERF_KEY, None)
     if session is not None:
         output_json[RUN_RECORD_KEY] = session.run_record()
-        output_json["fidelity_suite_options"] = session.options.record()
+        output_json[OPTIONS_KEY] = {**session.options.record(), "engines": session.factory.selection.record()}
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

@@ -39,8 +39,16 @@ GPU_PEAKS: Mapping[str, GpuPeaks] = {
     ),
 }
 
-# Bytes of one GEMM weight element per precision policy (its matmul dtype).
-WEIGHT_BYTES = {"fp32": 4, "hybrid": 2, "fp16": 2, "fp16-strict": 2, "bf16": 2}
+def weight_bytes(precision: str) -> int:
+    """Bytes of one GEMM weight element under a built-in policy (its matmul dtype, from the dtype table).
+
+    A policy file's name in a saved run cannot be resolved here: it is held to FP32, so its floor is an
+    FP32 floor (the lower the floor, the more optimistic; this errs the other way and says so in reports).
+    """
+    from engines.precision.policy import DTYPES, POLICIES
+
+    policy = POLICIES.get(precision)
+    return 4 if policy is None else DTYPES[policy.classes["matmul"]].itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +59,7 @@ class ForwardCost:
 
     def times_s(self, peaks: GpuPeaks, precision: str) -> tuple[float, float]:
         """(memory time, compute time) of one pass at the device's peaks."""
-        flops_per_s = peaks.fp32_flops if WEIGHT_BYTES.get(precision, 4) == 4 else peaks.half_flops
+        flops_per_s = peaks.fp32_flops if weight_bytes(precision) == 4 else peaks.half_flops
         return (self.weight_bytes + self.output_bytes) / peaks.memory_bytes_per_s, self.flops / flops_per_s
 
     def floor_s(self, peaks: GpuPeaks, precision: str) -> float:
@@ -78,6 +86,6 @@ def forward_cost(family: str, config: Mapping[str, Any], precision: str, batch: 
     output_width = head or hidden
     return ForwardCost(
         flops=2.0 * tokens * gemm_params + attention_flops,
-        weight_bytes=float(gemm_params * WEIGHT_BYTES.get(precision, 4)),
+        weight_bytes=float(gemm_params * weight_bytes(precision)),
         output_bytes=float(tokens * output_width * 4),
     )

@@ -115,17 +115,24 @@ def compare_samples(
         return Comparison(name, verdict, ratio, cand_median, base_median, p, threshold, spread, note)
 
     effect = abs(ratio - 1.0)
-    # An effect beyond the threshold but within the run's own spread is noise:
-    # inconclusive, not a verdict either way.
-    if effect > threshold and effect <= spread:
+    beyond = ratio > 1.0 + threshold or ratio < 1.0 / (1.0 + threshold)
+    # An effect beyond the threshold that the samples cannot tell from noise (within the
+    # runs' own spread, or not significant) is inconclusive, never a silent pass.
+    if beyond and effect <= spread:
         return result(
             "inconclusive",
             f"the spread {spread:.0%} (IQR/median) is as large as the difference: the machine is noisy; rerun, "
             "or fail such results with --perf-inconclusive=fail",
         )
-    if ratio > 1.0 + threshold and p < alpha:
+    if beyond and p >= alpha:
+        return result(
+            "inconclusive",
+            f"beyond the threshold but not significant (p={p:.2g} >= alpha {alpha}): too few or too scattered "
+            "rounds; rerun with more --perf-rounds, or fail such results with --perf-inconclusive=fail",
+        )
+    if ratio > 1.0 + threshold:
         return result("regression")
-    if ratio < 1.0 / (1.0 + threshold) and p < alpha:
+    if ratio < 1.0 / (1.0 + threshold):
         return result("faster", "faster than the baseline beyond the threshold: refresh the baseline")
     return result("pass")
 

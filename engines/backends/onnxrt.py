@@ -56,6 +56,9 @@ class OnnxRuntimeRunner(Runner):
 
     The same binding code serves the CPU and the CUDA provider (only the device
     named in it differs), so the path the CPU tests run is the one a GPU runs.
+    ``memory()`` reports nothing outside the torch allocator: ONNX Runtime's CUDA
+    arena is invisible to it, so its peak-memory figures cover only the bound
+    inputs and output (never run here: no onnxruntime-gpu on any machine of this project).
     """
 
     backend: ClassVar[str] = "onnxrt"

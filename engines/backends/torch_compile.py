@@ -39,6 +39,8 @@ import contextlib
 import dataclasses
 import functools
 import os
+import tempfile
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -293,9 +295,13 @@ def inductor_cache_dir(cache) -> str:
     if configured and configured != _torch_default_inductor_dir():
         return configured
     if cache is None:
-        from engines.cache import default_cache_root
+        from engines.cache import EngineCache
 
-        return str(default_cache_root() / "torchinductor")
+        cache = EngineCache()
+    if not cache.writable():
+        # Inductor writes lock files even when it only reads: a read-only engine cache cannot hold its
+        # cache, which then goes where Inductor puts it by default (compiled again in a new process).
+        return _torch_default_inductor_dir() or str(Path(tempfile.gettempdir()) / "torchinductor")
     return str(cache.root / "torchinductor")
 
 

@@ -85,10 +85,10 @@ class TorchReferenceRunner(TorchRunner):
     backend: ClassVar[str] = "torch-reference"
     mode: ClassVar[str] = "eager, unmodified transformers model, deterministic kernels"
 
-    def __init__(self, model, device: str, policy=REFERENCE_POLICY) -> None:
+    def __init__(self, model, policy=REFERENCE_POLICY, device: str = "cpu", options=None) -> None:
         if not policy.is_reference:
             raise ValueError("the reference engine runs FP32 only")
-        super().__init__(model, policy, device)
+        super().__init__(model, policy, device, options)
 
     def _make_module(self) -> nn.Module:
         return unmodified_copy(self.model.module)

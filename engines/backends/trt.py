@@ -47,6 +47,7 @@ from engines.backends.base import (
     require_runtime,
 )
 from engines.batch import InvalidInputError, TokenBatch
+from engines.files import atomic_write_bytes
 from engines.precision.audit import PrecisionAudit, PrecisionMismatchError, raise_on_mismatch, tally
 from engines.precision.policy import DTYPES, OP_CLASSES, FLOAT32
 
@@ -444,8 +445,7 @@ class TensorRTRunner(Runner):
                     config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
                     plan = builder.build_serialized_network(network, config)
                     if plan is not None:
-                        timing_path.parent.mkdir(parents=True, exist_ok=True)
-                        timing_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+                        atomic_write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
             else:
                 plan = builder.build_serialized_network(network, config)
             if plan is None:

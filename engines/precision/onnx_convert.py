@@ -2,7 +2,11 @@
 
 TensorRT 11 builds only strongly typed networks: every tensor's dtype comes from
 the graph, so mixed precision has to be written into it.  This converter does
-that from the same op classes as the PyTorch engine (``engines/precision.py``):
+that from the same op-class table as the PyTorch engine
+(:data:`engines.precision.policy.OP_CLASSES`), node by node: a node's dtype is the
+policy's for its op class in the module the node came from (the export's
+``pkg.torch.onnx.name_scopes`` metadata, see :func:`module_path_of`) or, for a
+policy file's ``node`` override, for the node by name:
 
 * compute nodes (``MatMul``/``Gemm``, ``Softmax``, ``LayerNormalization`` and the
   reductions of their decompositions, elementwise math) run in their class's dtype:

@@ -12,7 +12,8 @@ Three tables, each defined once and read by every backend:
   here; editing this table changes every engine.
 * :data:`POLICIES`: the built-in policies, op class -> dtype.  A policy can also be
   read from a file (:func:`load_policy_file`, selected as ``file:PATH``), with
-  per-module or per-ONNX-node overrides; the FP32-keep search writes such files.
+  per-module or per-ONNX-node overrides (:func:`write_policy_file` writes one, for tools
+  that search for the smallest set of ops to keep in FP32).
 
 Op classes
 ----------
@@ -89,15 +90,16 @@ class DType:
     torch: str  # attribute of the torch module
     onnx: str  # attribute of onnx.TensorProto
     trt: str  # member of tensorrt.DataType
-    inspector_words: tuple[str, ...]  # how TensorRT's engine inspector writes its formats
+    inspector_words: tuple[str, ...]  # how TensorRT's reports write it
+    itemsize: int  # bytes per element
 
 
 DTYPES: Mapping[str, DType] = {
     d.name: d
     for d in (
-        DType(FLOAT32, "fp32", "float32", "FLOAT", "FLOAT", ("FP32", "Float")),
-        DType(FLOAT16, "fp16", "float16", "FLOAT16", "HALF", ("FP16", "Half")),
-        DType(BFLOAT16, "bf16", "bfloat16", "BFLOAT16", "BF16", ("BF16", "BFloat16")),
+        DType(FLOAT32, "fp32", "float32", "FLOAT", "FLOAT", ("FP32", "Float"), 4),
+        DType(FLOAT16, "fp16", "float16", "FLOAT16", "HALF", ("FP16", "Half"), 2),
+        DType(BFLOAT16, "bf16", "bfloat16", "BFLOAT16", "BF16", ("BF16", "BFloat16"), 2),
     )
 }
 _DTYPE_ALIASES = {d.short: d.name for d in DTYPES.values()}

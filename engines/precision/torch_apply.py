@@ -209,6 +209,22 @@ def check_overrides(policy: PrecisionPolicy, module_paths: list[str], *, model_n
         )
 
 
+POLICY_MODULES = (PolicyLinear, PolicyLayerNorm)
+
+
+def _to_stream_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters and buffers of every module but the policy modules to ``dtype``."""
+    for module in model.modules():
+        if isinstance(module, POLICY_MODULES):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                module._parameters[name] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                module._buffers[name] = buffer.to(dtype)
+
+
 def apply_policy(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
     """A deep copy of ``model`` rewritten to compute as ``policy`` says, module by module."""
     register_policy_attention()
@@ -221,8 +237,10 @@ def apply_policy(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
     # different dtypes, so the copy is untied before anything is converted.
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
-    model.to(stream_dtype)
 
+    # Policy modules take their weights from the FP32 originals, converted once to their
+    # own dtype (an FP32 override on an FP16 base keeps the exact FP32 weights, as the ONNX
+    # converter does); everything else is then cast to the residual-stream dtype.
     replacements: list[tuple[nn.Module, str, nn.Module]] = []
     for parent_path, parent in model.named_modules():
         for child_name, child in parent.named_children():
@@ -240,6 +258,7 @@ def apply_policy(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
             replacements.append((parent, child_name, IMPLEMENTATIONS[kind](child, dtype, stream_dtype, policy)))
     for parent, child_name, new in replacements:
         setattr(parent, child_name, new)
+    _to_stream_dtype(model, stream_dtype)
 
     for path, module in model.named_modules():
         module._fidelity_policy = policy

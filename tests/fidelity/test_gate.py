@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, find, settings
 
-from engines.precision.policy import get_policy
+from engines.precision.policy import REFERENCE_POLICY, get_policy
 from engines.backends.torch_eager import TorchReferenceRunner, TorchRunner
 from fidelity.corpus import packed_batch, python_docs_corpus
 from fidelity.metrics import CompareContext, compare_outputs, tolerance_for
@@ -37,7 +37,7 @@ class NanEngine(TorchRunner):
 
 @pytest.fixture(scope="module")
 def reference(tiny_bert):
-    return TorchReferenceRunner(tiny_bert, "cpu").build()
+    return TorchReferenceRunner(tiny_bert, REFERENCE_POLICY, "cpu").build()
 
 
 def check(engine, reference, batch):
@@ -62,7 +62,7 @@ def minilm():
 
 
 def test_perturbed_weight_is_caught(minilm):
-    reference = TorchReferenceRunner(minilm, "cpu").build()
+    reference = TorchReferenceRunner(minilm, REFERENCE_POLICY, "cpu").build()
     batch = packed_batch(python_docs_corpus(), minilm, batch=4, seq_len=64)
     assert check(TorchRunner(minilm, get_policy("hybrid"), "cpu").build(), reference, batch)
     result = check(PerturbedWeightRunner(minilm, get_policy("hybrid"), "cpu").build(), reference, batch)
@@ -99,7 +99,7 @@ def test_hypothesis_shrinks_a_failure_to_a_minimal_replayable_input(tiny_bert, r
     )
     assert minimal.shape == (1, 1)
     assert minimal.input_ids.tolist() == [[POISONED_TOKEN]]
-    from engines.backends.base import TokenBatch  # noqa: F401 - the replay string needs it in scope
+    from engines.batch import TokenBatch  # noqa: F401 - the replay string needs it in scope
 
     replayed = eval(minimal.replay())
     assert torch.equal(replayed.input_ids, minimal.input_ids)

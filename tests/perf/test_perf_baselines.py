@@ -121,3 +121,35 @@ def test_a_baseline_saved_before_numerics_were_recorded_counts_as_deterministic(
     check_compatible(old, dict(FACTS, numerics="deterministic"), source=Path("b.json"), backends={"torch"})
     with pytest.raises(BaselineMismatchError, match="numerics 'deterministic' \\(here 'production'\\)"):
         check_compatible(old, FACTS, source=Path("b.json"), backends={"torch"})
+
+
+def test_a_damaged_run_is_passed_over_and_refused_when_named(tmp_path):
+    good = store(tmp_path, "0001_baseline.json", record(40))
+    damaged = tmp_path / PLATFORM / "0002_baseline.json"
+    damaged.write_text('{"machine_info": {"fidelity_suite"')  # truncated mid-write
+    path, notes = select_baseline(tmp_path, True)
+    assert path == good and "passed over 0002_baseline.json: its JSON does not read" in notes[0]
+    with pytest.raises(BaselineMismatchError, match="is not a readable saved run"):
+        Baseline(damaged)
+
+
+def test_a_run_saved_with_an_injected_slowdown_is_not_a_baseline(tmp_path):
+    path = store(tmp_path, "0001_gate_test.json", record(40))
+    data = json.loads(path.read_text())
+    data["machine_info"]["fidelity_suite"] = FACTS
+    data["fidelity_suite_options"] = {"slowdowns": [{"pattern": "*", "delay_s": 0.0, "factor": 1.08}]}
+    path.write_text(json.dumps(data))
+    with pytest.raises(BaselineMismatchError, match="saved with an injected slowdown"):
+        Baseline(path)
+
+
+def test_a_policy_file_that_changed_under_its_name_voids_the_baseline(tmp_path):
+    path = store(tmp_path, "0001_baseline.json", record(40))
+    data = json.loads(path.read_text())
+    data["machine_info"]["fidelity_suite"] = FACTS
+    data["fidelity_suite_options"] = {"engines": {"policies": {"keep": {"sha256": "a" * 64}}}}
+    path.write_text(json.dumps(data))
+    baseline = Baseline(path)
+    baseline.check_policies({"keep": {"sha256": "a" * 64}, "other": {"sha256": "c" * 64}})
+    with pytest.raises(BaselineMismatchError, match="policy file\\(s\\) keep .* changed since it was saved"):
+        baseline.check_policies({"keep": {"sha256": "b" * 64}})

@@ -66,7 +66,10 @@ def junit_failures(path: Path) -> dict[str, str]:
 def test_a_slowed_engine_fails_its_own_items_and_nothing_else(saved, tmp_path):
     storage = doctored(saved, tmp_path / "b", lambda engine: 1e-3 if engine == "tiny-bert/torch/hybrid" else 1e3)
     junit = tmp_path / "junit.xml"
-    proc = run(f"--benchmark-storage=file://{storage}", "--benchmark-compare", f"--junitxml={junit}")
+    # The suite aggregate has its own test; here it must not decide (the two engines' doctored
+    # ratios cancel in the geometric mean, leaving only this machine's drift).
+    proc = run(f"--benchmark-storage=file://{storage}", "--benchmark-compare", "--perf-suite-threshold=100",
+               f"--junitxml={junit}")
     assert proc.returncode == 1, proc.stdout[-3000:]
     failed = junit_failures(junit)
     assert set(failed) == {"test_latency[b1s32-tiny-bert/torch/hybrid]", "test_latency[b4s64-tiny-bert/torch/hybrid]"}
@@ -79,7 +82,7 @@ def test_a_slowed_engine_fails_its_own_items_and_nothing_else(saved, tmp_path):
 @pytest.mark.slow
 def test_the_same_stack_passes_and_says_when_the_baseline_is_stale(saved, tmp_path):
     storage = doctored(saved, tmp_path / "b", lambda engine: 1e3)
-    proc = run(f"--benchmark-storage=file://{storage}", "--benchmark-compare")
+    proc = run(f"--benchmark-storage=file://{storage}", "--benchmark-compare")  # aggregate ~0.001: passes too
     assert proc.returncode == 0, proc.stdout[-3000:]
     summary = proc.stdout.split("latency gate", 1)[1]
     assert "baseline:" in proc.stdout and summary.count("faster than the baseline beyond the threshold") == 4

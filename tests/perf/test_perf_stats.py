@@ -55,6 +55,16 @@ def test_noisy_machine_is_inconclusive_not_a_regression():
     assert not noisy.fails(inconclusive="report") and noisy.fails(inconclusive="fail")
 
 
+def test_a_large_slowdown_that_is_not_significant_is_inconclusive_not_a_pass():
+    # 25% slower by the medians, spread 12.5%, but p = 0.14: the samples cannot tell.
+    candidate = [1.0, 1.25, 1.25, 1.25, 1.25, 1.25, 1.0]
+    baseline = [1.0] * 5 + [1.25, 1.25]
+    result = compare_samples("t", candidate, baseline)
+    assert result.ratio == pytest.approx(1.25) and result.p_value > 0.01
+    assert result.verdict == "inconclusive" and "not significant" in result.message()
+    assert result.fails(inconclusive="fail")
+
+
 def test_too_few_samples_is_an_error():
     with pytest.raises(ValueError, match="at least 5 samples"):
         compare_samples("t", [1.0, 1.0], [1.0] * 10)

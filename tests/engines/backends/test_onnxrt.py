@@ -5,12 +5,12 @@ from engines.backends.base import BuildOptions
 from engines.backends.base import BackendUnavailableError
 from engines.graphs.export import check_batch
 from engines.backends.onnxrt import CPU_NOTE, OnnxRuntimeRunner, providers_for
-from engines.precision.policy import get_policy
+from engines.precision.policy import REFERENCE_POLICY, get_policy
 from engines.backends.torch_eager import TorchReferenceRunner
 
 
 def test_hybrid_graph_runs_in_onnxruntime_and_matches(tiny_gpt2, engine_cache):
-    reference = TorchReferenceRunner(tiny_gpt2, "cpu").build()
+    reference = TorchReferenceRunner(tiny_gpt2, REFERENCE_POLICY, "cpu").build()
     runner = OnnxRuntimeRunner(tiny_gpt2, get_policy("hybrid"), "cpu", BuildOptions(cache=engine_cache)).build()
     batch = check_batch(tiny_gpt2)
     valid = batch.attention_mask.bool()

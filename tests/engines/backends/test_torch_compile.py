@@ -119,6 +119,19 @@ def test_each_engine_cache_gets_its_own_inductor_dir_unless_the_user_set_one(tin
     assert third.cache_dir == str(tmp_path / "mine")
 
 
+def test_a_read_only_engine_cache_does_not_hold_the_inductor_cache(tiny_bert, tmp_path, monkeypatch):
+    """Inductor writes lock files even to read its cache: with a read-only engine cache it uses its own default."""
+    from engines.backends import torch_compile
+    from engines.cache import EngineCache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cache = EngineCache(tmp_path / "shared")
+    monkeypatch.setattr(EngineCache, "writable", lambda self: False)
+    runner = TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", BuildOptions(cache=cache))
+    assert runner.cache_dir == torch_compile._torch_default_inductor_dir()
+    assert not runner.cache_dir.startswith(str(tmp_path))
+
+
 def test_unknown_compile_mode_is_refused(tiny_bert):
     with pytest.raises(ValueError, match="max-autotune"):
         TorchCompileRunner(tiny_bert, get_policy("hybrid"), "cpu", BuildOptions(compile_mode="fastest"))

@@ -4,7 +4,7 @@ import torch
 from engines.precision.audit import PrecisionMismatchError, check_policy
 from engines.backends.base import BackendUnavailableError
 from engines.batch import InvalidInputError, TokenBatch
-from engines.precision.policy import POLICIES, get_policy
+from engines.precision.policy import POLICIES, REFERENCE_POLICY, get_policy
 from engines.backends.torch_eager import TorchReferenceRunner, TorchRunner, probe_batch
 from engines.precision.torch_apply import apply_policy
 
@@ -78,7 +78,7 @@ def test_an_engine_that_misstates_its_precision_fails_loudly(tiny_bert, claimed,
 
 
 def test_tf32_fails_the_fp32_audit(tiny_bert):
-    reference = TorchReferenceRunner(tiny_bert, "cpu").build()
+    reference = TorchReferenceRunner(tiny_bert, REFERENCE_POLICY, "cpu").build()
     audit = reference.audit
     assert audit
     from engines.precision.audit import DtypeAudit
@@ -94,7 +94,7 @@ def test_tf32_fails_the_fp32_audit(tiny_bert):
 
 def test_reference_runs_only_fp32(tiny_bert):
     with pytest.raises(ValueError, match="FP32 only"):
-        TorchReferenceRunner(tiny_bert, "cpu", policy=get_policy("hybrid"))
+        TorchReferenceRunner(tiny_bert, get_policy("hybrid"), "cpu")
 
 
 def test_cuda_graph_backend_needs_cuda(tiny_bert):
@@ -115,7 +115,7 @@ def test_the_reference_runs_deterministic_kernels_and_restores_the_session_setti
     from engines.numerics import NUMERICS, configure_process
 
     configure_process(NUMERICS["production"])
-    reference = TorchReferenceRunner(tiny_bert, "cpu").build()
+    reference = TorchReferenceRunner(tiny_bert, REFERENCE_POLICY, "cpu").build()
     seen = []
     original = reference.forward.forward
 

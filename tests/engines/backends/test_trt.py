@@ -15,7 +15,6 @@ from engines.batch import InvalidInputError
 from engines.cache import EngineCache, ForeignEntryError
 from engines.graphs.export import GRAPH_FILE
 from engines.graphs.precision_graph import fp32_graph, precision_graph
-from engines.precision.audit import PrecisionMismatchError
 from engines.precision.onnx_convert import expected_node_dtypes
 from engines.precision.policy import get_policy
 
@@ -199,3 +198,29 @@ def test_full_tensorrt_skips_only_for_its_missing_import():
     except BackendUnavailableError as exc:
         assert RUNTIMES["trt"].install_hint in str(exc)
         pytest.skip(str(exc))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "hybrid"])
+def test_on_a_gpu_it_runs_where_the_runtime_does_and_says_why_where_it_does_not(tiny_bert, tmp_path, precision):
+    """On a GPU TensorRT for RTX runs on (A100, RTX 30/40/50, L40S) the engine matches the FP32 reference;
+    on one it refuses (Hopper) the build still completes and the skip carries the runtime's own words."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from engines.backends.torch_eager import TorchReferenceRunner
+    from engines.graphs.export import check_batch
+    from engines.precision.policy import REFERENCE_POLICY
+
+    runner = TensorRTRTXRunner(tiny_bert, get_policy(precision), "cuda", BuildOptions(cache=EngineCache(tmp_path)))
+    try:
+        runner.build()
+    except BuiltNotRunnableError as exc:
+        assert "not runnable here" in str(exc) and exc.info.details["plan"]
+        pytest.skip(str(exc))
+    batch = check_batch(tiny_bert)
+    got = runner.infer(batch)
+    want = TorchReferenceRunner(tiny_bert, REFERENCE_POLICY, "cuda").build().infer(batch)
+    valid = batch.attention_mask.bool().cuda()
+    cosine = torch.nn.functional.cosine_similarity(got[valid].double().flatten(), want[valid].double().flatten(), dim=0)
+    assert cosine > 0.9998 and torch.isfinite(got[valid]).all()
+    assert runner.memory().outside_allocator_bytes > 0

@@ -12,7 +12,7 @@ from engines.graphs.export import ExportError, check_batch, load_graph, verify_e
 from engines.graphs.precision_graph import fp32_graph, precision_graph, verified_audit
 from engines.precision.onnx_convert import GraphPolicyError, UnsupportedOpError, check_graph_policy, convert_graph
 from engines.backends.onnx_torch import OnnxTorchProgram, OnnxTorchRunner, UnsupportedGraphError
-from engines.precision.policy import POLICIES, get_policy
+from engines.precision.policy import POLICIES, REFERENCE_POLICY, get_policy
 from engines.backends.torch_eager import TorchReferenceRunner
 
 
@@ -122,7 +122,7 @@ def test_decomposed_fp16_layernorm_overflows_where_hybrid_does_not():
 
 
 def test_the_interpreter_matches_the_reference_and_refuses_unknown_ops(model, engine_cache):
-    reference = TorchReferenceRunner(model, "cpu").build()
+    reference = TorchReferenceRunner(model, REFERENCE_POLICY, "cpu").build()
     runner = OnnxTorchRunner(model, get_policy("fp32"), "cpu", BuildOptions(cache=engine_cache)).build()
     batch = check_batch(model)
     torch.testing.assert_close(runner.infer(batch), reference.infer(batch), atol=1e-4, rtol=1e-4)

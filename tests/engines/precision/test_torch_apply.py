@@ -97,6 +97,20 @@ def test_module_overrides_reach_the_modules_they_name(tiny_bert, tmp_path):
     assert dtypes["encoder.layer.1.output.dense"] == torch.float16
 
 
+def test_an_fp32_override_keeps_the_exact_fp32_weights(tiny_bert, tmp_path):
+    """Not FP16-rounded and cast back: the ONNX converter keeps the FP32 initializers, so must the torch engine."""
+    path = tmp_path / "p.json"
+    path.write_text('{"schema": 1, "name": "l1-fp32", "base": "fp16", "overrides": [{"module": "encoder.layer.1", "dtype": "float32"}]}')
+    converted = dict(apply_policy(tiny_bert.module, get_policy(f"file:{path}")).named_modules())
+    original = dict(tiny_bert.module.named_modules())
+    for name in ("encoder.layer.1.attention.self.query", "encoder.layer.1.output.LayerNorm"):
+        assert converted[name].weight.dtype == torch.float32
+        assert torch.equal(converted[name].weight, original[name].weight), name
+    half = converted["encoder.layer.0.attention.self.query"].weight
+    assert half.dtype == torch.float16 and torch.equal(half, original["encoder.layer.0.attention.self.query"].weight.half())
+    assert converted["embeddings.word_embeddings"].weight.dtype == torch.float16  # the residual stream
+
+
 def test_an_override_matching_no_module_or_naming_onnx_nodes_is_refused(tiny_bert, tmp_path):
     from engines.precision.policy import PolicyError
 
