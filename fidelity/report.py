@@ -365,7 +365,28 @@ def render_markdown(data: dict[str, Any]) -> str:
     built_only = {e: info for e, info in (data.get("engines") or {}).items() if info.get("runnable") is False}
     if built_only:
         lines += ["", "Built, checked and cached, not runnable here:", ""]
-        lines += [f"- {e}: {info.get('not_runnable_because', '')}" for e, info in built_only.items()]
+        lines.append(render_table(
+            ("engine", "runtime", "target", "build s", "parsed network (op class: dtype x layers)", "kernels",
+             "problems", "blind spots"),
+            [
+                (
+                    e, info.get("runtime", ""), info.get("target", ""), f"{info.get('build_seconds', 0):.1f}",
+                    "; ".join(f"{c}: " + ", ".join(f"{d} x{n}" for d, n in per.items())
+                              for c, per in (info.get("audit", {}).get("details", {}).get("network") or {}).items()),
+                    ", ".join(f"{k} {n}" for k, n in (info.get("audit", {}).get("details", {}).get("kernels") or {}).items()),
+                    str(len(info.get("audit", {}).get("problems", []))),
+                    str(len(info.get("audit", {}).get("blind_spots", []))),
+                )
+                for e, info in built_only.items()
+            ],
+            markdown=True,
+        ))
+        reasons = sorted({info.get("not_runnable_because", "").split("not runnable here: ", 1)[-1] for info in built_only.values()})
+        lines += ["", "Why not runnable here: " + " / ".join(f"`{r}`" for r in reasons)]
+        blind = sorted({b for info in built_only.values() for b in info.get("audit", {}).get("blind_spots", [])})
+        if blind:
+            lines += ["", "What the checks could not see (blind spots, deduplicated; first 5):", ""]
+            lines += [f"- {b}" for b in blind[:5]]
     if data.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in data["notes"]]
     skipped = {k: v for k, v in (data.get("skipped") or {}).items() if k not in built_only}
