@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from engines.backends.base import BackendUnavailableError, BuildOptions, Runner
-from engines.backends.registry import get_backend
+from engines.backends.registry import BACKENDS, get_backend
 from engines.backends.torch_eager import TorchReferenceRunner
 from engines.cache import EngineCache
 from engines.env import environment_info
@@ -43,13 +43,20 @@ class EngineFactory:
     def __init__(self, selection: EngineSelection) -> None:
         self.selection = selection
         self.device = selection.device
-        self.loader = ModelLoader(model_paths=selection.model_paths, weights_mode=selection.weights_mode)
+        self.loader = ModelLoader(
+            model_paths=selection.model_paths, weights_mode=selection.weights_mode, onnx_graphs=selection.onnx_graphs
+        )
         self.cache = EngineCache(selection.engine_cache, rebuild=selection.rebuild_engines)
         self.options = BuildOptions(cache=self.cache, compile_mode=selection.compile_mode, trt_target=selection.trt_target)
         self.built: dict[str, dict[str, Any]] = {}  # engine id -> info, audit, build seconds
         self.skipped: dict[str, str] = {}  # engine id -> reason
         self._references: dict[str, TorchReferenceRunner] = {}
         self._environment: dict[str, Any] | None = None
+
+    def cpu_baseline_spec(self, model_name: str) -> EngineSpec:
+        """The CPU FP32 engine a model's speedups are measured against: eager PyTorch, or ONNX Runtime for a graph."""
+        backend = "onnxrt" if self.model(model_name).spec.is_onnx_graph else "torch"
+        return EngineSpec(model_name, backend, "fp32")
 
     def apply_numerics(self) -> None:
         """Set the session's numerics; torch's settings are process-wide, so once, before any engine exists."""
@@ -88,8 +95,14 @@ class EngineFactory:
                     f"backend {spec.backend} runs on {', '.join(backend.devices)}, not {device}; "
                     "run on a GPU machine with --device cuda"
                 )
+            model = self.model(spec.model)
+            if model.spec.is_onnx_graph and not backend.runs_onnx_graphs:
+                raise BackendUnavailableError(
+                    f"{spec.model} is an ONNX graph (--onnx): {spec.backend} cannot run it; the ONNX backends can: "
+                    + ", ".join(name for name, info in BACKENDS.items() if info.runs_onnx_graphs)
+                )
             runner_cls = backend.load()
-            runner = runner_cls(self.model(spec.model), self.policy(spec.precision), device, self.options)
+            runner = runner_cls(model, self.policy(spec.precision), device, self.options)
             runner.build()
         except BackendUnavailableError as exc:
             self.skipped[key] = str(exc)
@@ -118,7 +131,13 @@ class EngineFactory:
     def reference(self, model_name: str) -> TorchReferenceRunner:
         """The FP32 reference of ``model_name`` on this device, built once (deterministic kernels, TF32 off)."""
         if model_name not in self._references:
-            runner = TorchReferenceRunner(self.model(model_name), REFERENCE_POLICY, self.device).build()
+            model = self.model(model_name)
+            if model.spec.is_onnx_graph:  # a user's graph: its own FP32 graph, interpreted, is the reference
+                from engines.backends.onnx_torch import OnnxReferenceRunner
+
+                runner = OnnxReferenceRunner(model, REFERENCE_POLICY, self.device, self.options).build()
+            else:
+                runner = TorchReferenceRunner(model, REFERENCE_POLICY, self.device).build()
             self.built[runner.name] = {**runner.info().as_dict(), "audit": runner.audit.as_dict()}
             self._references[model_name] = runner
         return self._references[model_name]

@@ -31,6 +31,7 @@ from torch import nn
 from engines.env import env_flag
 
 WEIGHTS_MODES = ("auto", "pretrained", "random")
+BERT_WORDPIECE_SIZE = 30522  # bert-base-uncased's vocabulary, the stand-in tokenizer's ids
 RANDOM_INIT_SEED = 0
 HUB_HOST_DEFAULT = "huggingface.co"
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -64,8 +65,13 @@ class ModelSpec:
 
     @property
     def max_positions(self) -> int:
-        key = "n_positions" if self.family == "gpt2" else "max_position_embeddings"
+        key = {"gpt2": "n_positions", "onnx": "max_positions"}.get(self.family, "max_position_embeddings")
         return int(self.config_kwargs[key])
+
+    @property
+    def is_onnx_graph(self) -> bool:
+        """A user's ONNX graph (``--onnx NAME=PATH``): no PyTorch module, only the ONNX backends run it."""
+        return self.family == "onnx"
 
     def make_config(self):
         if self.family == "gpt2":
@@ -180,6 +186,7 @@ class LoadedModel:
     tokenizer_source: str
     special_token_ids: tuple[int, ...]
     pad_token_id: int
+    graph: Any = None  # a user's ONNX graph (engines.graphs.user_graph.UserGraph) for --onnx models
 
     @property
     def name(self) -> str:
@@ -187,6 +194,8 @@ class LoadedModel:
 
     @property
     def vocab_size(self) -> int:
+        if self.spec.is_onnx_graph:
+            return int(self.spec.config_kwargs["vocab_size"])
         return int(self.module.config.vocab_size)
 
     @property
@@ -196,6 +205,8 @@ class LoadedModel:
     @property
     def output_width(self) -> int:
         """Features of the compared output: the vocabulary for GPT-2's logits, the hidden size for BERT."""
+        if self.spec.is_onnx_graph:
+            return int(self.spec.config_kwargs["output_width"])
         return self.vocab_size if self.spec.family == "gpt2" else int(self.module.config.hidden_size)
 
     @property
@@ -375,6 +386,7 @@ class ModelLoader:
         weights_mode: str = "auto",
         seed: int = RANDOM_INIT_SEED,
         hub_probe: Callable[[], bool] = hub_reachable,
+        onnx_graphs: Mapping[str, Any] | None = None,
     ) -> None:
         if weights_mode not in WEIGHTS_MODES:
             raise ValueError(f"--weights must be one of {WEIGHTS_MODES}, got {weights_mode!r}")
@@ -386,11 +398,41 @@ class ModelLoader:
         self._hub_probe = hub_probe
         self._loaded: dict[str, LoadedModel] = {}
         self.notes: list[str] = []  # why a fallback was taken, for the report
+        self.onnx_graphs = dict(onnx_graphs or {})  # name -> engines.graphs.user_graph.UserGraph
 
     def load(self, name: str) -> LoadedModel:
         if name not in self._loaded:
-            self._loaded[name] = self._load(get_spec(name))
+            graph = self.onnx_graphs.get(name)
+            self._loaded[name] = self._load_graph(graph) if graph is not None else self._load(get_spec(name))
         return self._loaded[name]
+
+    def _load_graph(self, graph) -> LoadedModel:
+        """A user's ONNX graph as a model: its sizes from the graph, WordPiece ids as text where they fit."""
+        spec = ModelSpec(
+            name=graph.name,
+            family="onnx",
+            description=f"ONNX graph {graph.path}",
+            config_kwargs={"vocab_size": graph.vocab_size, "max_positions": graph.max_positions,
+                           "output_width": graph.output_width},
+        )
+        self.notes.extend(note for note in graph.notes if note not in self.notes)
+        tokenizer, source = None, "none: an ONNX graph brings no tokenizer (--onnx)"
+        if graph.vocab_size >= BERT_WORDPIECE_SIZE:
+            try:
+                tokenizer, _ = self._stand_in_tokenizer(MODEL_SPECS["bert-base"])
+                source = "stand-in: bert-base-uncased WordPiece ids from all-MiniLM-L6-v2 (an ONNX graph brings no tokenizer)"
+            except ModelLoadError as exc:
+                source = f"none: {exc}"
+        return LoadedModel(
+            spec=spec,
+            module=None,
+            weights_source=f"onnx:{graph.path} (sha256 {graph.sha256[:12]})",
+            tokenizer=tokenizer,
+            tokenizer_source=source,
+            special_token_ids=(),
+            pad_token_id=0,
+            graph=graph,
+        )
 
     # The hub is only asked when it can answer: HF_HUB_OFFLINE means cache only,
     # and an unreachable host is detected in seconds, not after DNS timeouts.

@@ -161,6 +161,13 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
         metavar="NAME=DIR",
     ),
     Option(
+        "--onnx",
+        "a user's BERT- or GPT-2-style FP32 ONNX graph as model NAME (int64 input_ids/attention_mask in, one float "
+        "output): its FP32 graph is the reference, the ONNX backends run it; checked at start-up (repeatable)",
+        kind="append",
+        metavar="NAME=PATH",
+    ),
+    Option(
         "--weights",
         "auto: pretrained where reachable, else random-init; pretrained: fail without; random: always random-init",
         default="auto",
@@ -211,6 +218,25 @@ def parse_model_paths(items: list[str]) -> dict[str, Path]:
     return paths
 
 
+def parse_onnx_graphs(items: list[str]) -> dict[str, Any]:
+    """``--onnx NAME=PATH`` values, each graph checked now (engines.graphs.user_graph.inspect_graph)."""
+    from engines.graphs.user_graph import UserGraphError, inspect_graph
+    from engines.models import MODEL_SPECS
+
+    graphs: dict[str, Any] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or "/" in name:
+            raise OptionError(f"--onnx expects NAME=PATH (NAME without '/'), got {item!r}")
+        if name in MODEL_SPECS or name in graphs:
+            raise OptionError(f"--onnx {name}: the name is taken ({'a built-in model' if name in MODEL_SPECS else 'twice'}); choose another")
+        try:
+            graphs[name] = inspect_graph(name, Path(path))
+        except UserGraphError as exc:
+            raise OptionError(str(exc)) from None
+    return graphs
+
+
 def check_trt_target(value: str) -> str:
     """``auto`` or a compute capability written as TensorRT names it (``SM80``); the runtime checks it offers it."""
     import re
@@ -251,6 +277,7 @@ class EngineSelection:
     compile_mode: str
     numerics: Numerics
     trt_target: str = "auto"
+    onnx_graphs: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> UserGraph
 
     @property
     def precisions(self) -> list[str]:
@@ -260,12 +287,17 @@ class EngineSelection:
     def from_values(cls, values: dict[str, Any]) -> "EngineSelection":
         """Validate every engine option up front: a typo is a usage error, not a failing test."""
         try:
-            models = parse_list(values.get("models"), flag="--models", default=DEFAULT_MODELS)
+            onnx_graphs = parse_onnx_graphs(values.get("onnx") or [])
+            models = parse_list(values.get("models"), flag="--models", default=list(onnx_graphs) or DEFAULT_MODELS)
             for name in models:
-                get_spec(name)
+                if name not in onnx_graphs:
+                    get_spec(name)
             given = lambda dest: value_or_default(values, ENGINE_OPTIONS, dest)  # noqa: E731
             device = resolve_device(given("device"))
-            backends = parse_list(values.get("backends"), flag="--backends", default=default_backends(device))
+            only_graphs = all(name in onnx_graphs for name in models)
+            backends = parse_list(
+                values.get("backends"), flag="--backends", default=default_backends(device, onnx_graphs_only=only_graphs)
+            )
             for name in backends:
                 get_backend(name)
             policies: dict[str, PrecisionPolicy] = {}
@@ -298,6 +330,7 @@ class EngineSelection:
                 compile_mode=given("compile_mode"),
                 numerics=get_numerics(given("numerics")),
                 trt_target=check_trt_target(given("trt_target")),
+                onnx_graphs=onnx_graphs,
             )
         except PolicyError as exc:
             raise OptionError(str(exc)) from None
@@ -313,5 +346,6 @@ class EngineSelection:
             "weights": self.weights_mode,
             "compile_mode": self.compile_mode,
             "trt_target": self.trt_target,
+            "onnx_graphs": {name: {"path": str(g.path), "sha256": g.sha256} for name, g in self.onnx_graphs.items()},
             "numerics": self.numerics.name,
         }

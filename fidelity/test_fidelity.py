@@ -45,7 +45,10 @@ def test_hypothesis_inputs(engine, fidelity_session, data) -> None:
 
 def test_natural_text(engine, fidelity_session) -> None:
     if engine.model.tokenizer is None:
-        pytest.fail(f"{engine.model.name}: {engine.model.tokenizer_source}", pytrace=False)
+        message = f"{engine.model.name}: no natural text without a tokenizer: {engine.model.tokenizer_source}"
+        if engine.model.spec.is_onnx_graph:  # a user's graph brings none, and its ids may not be WordPiece's
+            pytest.skip(message)
+        pytest.fail(message, pytrace=False)
     results = [
         fidelity_session.check(engine, batch, input_kind="natural-text")
         for batch in fidelity_session.text_batches(engine.model, engine.input_limits())

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from engines.backends.base import Runner, split_engine_name
-from engines.factory import EngineFactory, EngineSpec
+from engines.factory import EngineFactory
 from engines.tables import render_table
 from perf.baselines import RUN_RECORD_SCHEMA_VERSION, Baseline
 from perf.options import PerfOptions
@@ -119,7 +119,7 @@ class PerfSession:
         key = (runner.model.name, *shape)
         if key not in self._cpu_medians:
             if runner.model.name not in self._cpu_runners:
-                spec = EngineSpec(runner.model.name, "torch", "fp32")
+                spec = self.factory.cpu_baseline_spec(runner.model.name)
                 self._cpu_runners[runner.model.name] = self.factory.build(spec, device="cpu")
             cpu = self._cpu_runners[runner.model.name]
             call = TimedEngine(cpu, staged_inputs(cpu, *shape, copies=2))

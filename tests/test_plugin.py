@@ -234,3 +234,54 @@ def test_compile_debug_records_stay_out_of_failure_reports(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "expected failure" in proc.stdout
     assert "torch.__trace" not in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def user_onnx(tmp_path_factory) -> Path:
+    """A BERT-style graph as a user would bring it: exported elsewhere (no module names), weights beside it."""
+    import onnx
+
+    from engines.graphs.export import export_fp32
+    from engines.models import ModelLoader
+
+    folder = tmp_path_factory.mktemp("byo")
+    export_fp32(ModelLoader(weights_mode="random", hub_probe=lambda: False).load("tiny-bert"), folder / "src")
+    model = onnx.load(str(folder / "src" / "model.onnx"), load_external_data=True)
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    onnx.save_model(model, str(folder / "mybert.onnx"), save_as_external_data=True, location="mybert.onnx.data")
+    return folder / "mybert.onnx"
+
+
+@pytest.mark.slow
+def test_a_users_onnx_graph_runs_through_every_onnx_backend(tmp_path, user_onnx):
+    report = tmp_path / "byo.json"
+    proc = run_pytest(
+        "-m", "fidelity", "fidelity", f"--onnx=mybert={user_onnx}", "--backends=onnxrt,onnx-torch,trt-rtx,torch",
+        "--precisions=fp32,hybrid", "--input-profile=ci", f"--engine-cache={tmp_path / 'cache'}",
+        f"--fidelity-report={report}", "-rs",
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    data = json.loads(report.read_text())
+    rows = {(r["backend"], r["precision"], r["input_kind"]): r for r in data["rows"]}
+    for backend in ("onnxrt", "onnx-torch"):
+        for precision in ("fp32", "hybrid"):
+            assert rows[(backend, precision, "hypothesis")]["verdict"] == "PASS"
+    assert data["engines"]["mybert/onnx-reference/fp32"]["mode"].startswith("the user's FP32 ONNX graph")
+    assert "torch cannot run it; the ONNX backends can" in data["skipped"]["mybert/torch/fp32"]
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt_rtx") is not None:  # the CI installs it (".[trt-rtx]")
+        assert data["engines"]["mybert/trt-rtx/hybrid"]["runnable"] is False  # built for SM80, checked, cached
+    assert data["options"]["onnx_graphs"]["mybert"]["sha256"]
+
+    perf = run_pytest("-m", "perf", "perf", f"--onnx=mybert={user_onnx}", "--backends=onnxrt", "--precisions=fp32",
+                      "--perf-rounds=5", "--perf-warmup=1", f"--engine-cache={tmp_path / 'cache'}")
+    assert perf.returncode == 0, perf.stdout[-3000:]
+    assert "mybert/onnxrt/fp32" in perf.stdout.split("latency gate", 1)[1]
+
+
+def test_a_bad_onnx_graph_is_a_usage_error_at_start_up(tmp_path):
+    (tmp_path / "broken.onnx").write_bytes(b"not a graph")
+    proc = run_pytest("--collect-only", "-q", "fidelity", f"--onnx=mine={tmp_path / 'broken.onnx'}", timeout=120)
+    assert proc.returncode == 4 and "is not a readable ONNX model" in proc.stderr and "Traceback" not in proc.stderr

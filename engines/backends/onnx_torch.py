@@ -14,6 +14,7 @@ It is a checker, not a fast engine: shapes are read back to the host.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -354,3 +355,34 @@ class OnnxTorchRunner(Runner):
             "graph_dtypes": self.graph.dtypes if self.graph else None,
         }
         return EngineInfo(self.backend, f"torch {torch.__version__} ONNX interpreter", str(self.device), "node by node", details)
+
+
+class OnnxReferenceRunner(OnnxTorchRunner):
+    """The FP32 reference of a user's ONNX graph (``--onnx``): the graph itself, FP32, interpreted node by node.
+
+    Like the PyTorch reference, every call runs under deterministic kernels with TF32 off.
+    """
+
+    backend: ClassVar[str] = "onnx-reference"
+
+    def _build(self) -> None:
+        from engines.cache import EngineCache
+        from engines.graphs.export import GRAPH_FILE, load_graph
+        from engines.graphs.precision_graph import fp32_graph
+        from engines.precision.onnx_convert import audit_graph
+
+        if not self.policy.is_reference:
+            raise ValueError("the reference engine runs FP32 only")
+        entry = fp32_graph(self.model, self.options.cache or EngineCache())
+        graph = load_graph(entry.file(GRAPH_FILE))
+        self.audit = audit_graph(graph, self.policy, engine=self.name)
+        self.program = OnnxTorchProgram(graph, self.device)
+
+    def _run(self, staged: TokenBatch) -> torch.Tensor:
+        from engines.numerics import REFERENCE_NUMERICS, applied
+
+        with applied(REFERENCE_NUMERICS):
+            return super()._run(staged).float()
+
+    def _info(self) -> EngineInfo:
+        return dataclasses.replace(super()._info(), mode="the user's FP32 ONNX graph, node by node, deterministic kernels")

@@ -23,6 +23,8 @@ class BackendInfo:
     runtime: str = "torch"
     # Builds (and checks, and caches) its engine on a device it cannot run on; running is then a skip.
     builds_anywhere: bool = False
+    # Runs a user's ONNX graph (--onnx NAME=PATH): the backends that start from an ONNX graph.
+    runs_onnx_graphs: bool = False
 
     def load(self) -> type[Runner]:
         module_name, _, class_name = self.target.partition(":")
@@ -55,15 +57,18 @@ BACKENDS: dict[str, BackendInfo] = {
             ("cpu", "cuda"),
             "ONNX Runtime on the precision graph",
             runtime="onnxruntime",
+            runs_onnx_graphs=True,
         ),
         BackendInfo(
             "onnx-torch",
             "engines.backends.onnx_torch:OnnxTorchRunner",
             ("cpu", "cuda"),
             "the precision graph interpreted with torch ops (real FP16/BF16 arithmetic on CUDA)",
+            runs_onnx_graphs=True,
         ),
         BackendInfo(
-            "trt", "engines.backends.trt:TensorRTRunner", ("cuda",), "TensorRT >= 10, strongly typed network", runtime="tensorrt"
+            "trt", "engines.backends.trt:TensorRTRunner", ("cuda",), "TensorRT >= 10, strongly typed network", runtime="tensorrt",
+            runs_onnx_graphs=True,
         ),
         BackendInfo(
             "trt-rtx",
@@ -72,6 +77,7 @@ BACKENDS: dict[str, BackendInfo] = {
             "TensorRT for RTX, strongly typed network built ahead of time for --trt-target (also without a GPU)",
             runtime="tensorrt_rtx",
             builds_anywhere=True,
+            runs_onnx_graphs=True,
         ),
     )
 }
@@ -94,5 +100,10 @@ def get_backend(name: str) -> BackendInfo:
 DEFAULT_BACKENDS = ("torch", "torch-cudagraph")
 
 
-def default_backends(device: str) -> list[str]:
-    return [n for n in DEFAULT_BACKENDS if device.split(":")[0] in BACKENDS[n].devices]
+# Run by default for a selection of user ONNX graphs only (--onnx): the PyTorch backends cannot run them.
+DEFAULT_ONNX_BACKENDS = ("onnx-torch", "onnxrt")
+
+
+def default_backends(device: str, *, onnx_graphs_only: bool = False) -> list[str]:
+    names = DEFAULT_ONNX_BACKENDS if onnx_graphs_only else DEFAULT_BACKENDS
+    return [n for n in names if device.split(":")[0] in BACKENDS[n].devices]

@@ -31,6 +31,14 @@ class PrecisionGraph:
 
 
 def fp32_graph(model: LoadedModel, cache: EngineCache) -> CacheEntry:
+    """The model's FP32 ONNX graph in the cache: this suite's verified export, or a user's graph (--onnx) copied in."""
+    if model.graph is not None:
+        from engines.graphs.user_graph import copy_graph
+
+        fields = {"artifact": "onnx-user", "model": model.name, "sha256": model.graph.sha256}
+        return cache.get_or_build(
+            fields, lambda folder: copy_graph(model.graph.path, folder), description=f"{model.name} user ONNX graph"
+        )
     fields = export_key(model)
     return cache.get_or_build(fields, lambda folder: export_fp32(model, folder), description=f"{model.name} FP32 ONNX export")
 
