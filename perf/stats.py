@@ -114,8 +114,9 @@ def compare_samples(
     def result(verdict: str, note: str = "") -> Comparison:
         return Comparison(name, verdict, ratio, cand_median, base_median, p, threshold, spread, note)
 
-    effect = abs(ratio - 1.0)
-    beyond = ratio > 1.0 + threshold or ratio < 1.0 / (1.0 + threshold)
+    # The effect, the same measure both ways: 2x slower and 2x faster are both 100%.
+    effect = max(ratio, 1.0 / ratio) - 1.0
+    beyond = effect > threshold
     # An effect beyond the threshold that the samples cannot tell from noise (within the
     # runs' own spread, or not significant) is inconclusive, never a silent pass.
     if beyond and effect <= spread:

@@ -285,3 +285,16 @@ def test_a_bad_onnx_graph_is_a_usage_error_at_start_up(tmp_path):
     (tmp_path / "broken.onnx").write_bytes(b"not a graph")
     proc = run_pytest("--collect-only", "-q", "fidelity", f"--onnx=mine={tmp_path / 'broken.onnx'}", timeout=120)
     assert proc.returncode == 4 and "is not a readable ONNX model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_trt_rtx_builds_one_plan_per_precision_and_skips_each_run_with_the_reason(tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason='TensorRT for RTX is not installed: pip install -e ".[trt-rtx]"')
+    cache = tmp_path / "cache"
+    proc = run_pytest("-m", "fidelity", "fidelity", "--backends=trt-rtx", "--models=tiny-gpt2",
+                      "--precisions=fp32,fp16,hybrid", f"--engine-cache={cache}", "--input-profile=ci", "-rs")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert len(list(cache.rglob("engine.plan"))) == 3
+    skips = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skips and all("built for SM80 and cached" in s and "not runnable here" in s for s in skips)
+    assert "6 skipped" in proc.stdout and "failed" not in proc.stdout

@@ -47,6 +47,14 @@ def test_regression_needs_effect_and_significance():
     assert faster.verdict == "faster" and faster and "refresh the baseline" in faster.message()
 
 
+def test_a_speedup_is_measured_like_a_slowdown_against_the_spread():
+    # A loaded machine: IQR/median 1.5. 1000x faster is still far beyond that spread (the effect of
+    # a speedup is 1/ratio - 1, not 1 - ratio, which could never exceed 100%).
+    noisy = [1.0, 1.0, 1.0, 2.5, 2.5, 2.5, 2.5, 1.0, 1.0, 2.5]
+    faster = compare_samples("t", [v * 1e-3 for v in noisy], noisy)
+    assert faster.verdict == "faster" and "refresh the baseline" in faster.message()
+
+
 def test_noisy_machine_is_inconclusive_not_a_regression():
     noisy = compare_samples("t", samples(1.3e-3, spread=0.6), samples(1.0e-3, spread=0.6, seed=1))
     assert noisy.verdict == "inconclusive" and noisy
