@@ -113,6 +113,24 @@ def engine(request: pytest.FixtureRequest, engine_factory: EngineFactory) -> Ite
     runner.close()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_keyboard_interrupt(excinfo) -> None:
+    """Keep Ctrl-C from crashing pytest's own report of it.
+
+    On CPython 3.11, a traceback entry of the frame a signal interrupted can carry no line number
+    (``tb_lineno`` None); pytest's terminal reporter then fails in ``ExceptionInfo.getrepr`` with
+    ``TypeError: unsupported operand type(s) for -: 'NoneType' and 'int'`` (seen here under load, and in
+    pytest-dev/pytest-xdist#1196), the run ends as a crash instead of "interrupted", and plugins after it
+    never hear of the interrupt.  The traceback is cut before the first such entry, before anyone formats it.
+    """
+    tb = excinfo.tb
+    while tb is not None and tb.tb_next is not None:
+        if tb.tb_next.tb_lineno is None:
+            tb.tb_next = None
+            break
+        tb = tb.tb_next
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     factory = config.stash.get(FACTORY_KEY, None)
     if factory is not None:

@@ -56,6 +56,18 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     _register_hypothesis_profiles(config, options.profile.name)
     config.stash[SESSION_KEY] = session
+    config.pluginmanager.register(InterruptWatch(session), "fidelity-interrupt-watch")
+
+
+class InterruptWatch:
+    """Marks the report interrupted the moment Ctrl-C arrives, before any other plugin reports it."""
+
+    def __init__(self, session: FidelitySession) -> None:
+        self.session = session
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_keyboard_interrupt(self, excinfo) -> None:
+        self.session.report.mark_interrupted()
 
 
 @pytest.fixture(scope="session")
@@ -76,9 +88,9 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem):
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Runs before the terminal summary: an interrupted run is marked so before its table is printed."""
+    """Runs before the terminal summary: a run stopped otherwise (collection errors, -x) is marked too."""
     fidelity = session.config.stash.get(SESSION_KEY, None)
-    if fidelity is not None and exitstatus == pytest.ExitCode.INTERRUPTED:
+    if fidelity is not None and exitstatus == pytest.ExitCode.INTERRUPTED and not fidelity.report.interrupted:
         fidelity.report.mark_interrupted()
 
 

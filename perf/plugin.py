@@ -148,6 +148,7 @@ class RunProgress:
         if "perf" in report.keywords and (report.when == "call" or (report.when == "setup" and not report.passed)):
             self.session.finished.add(report.nodeid)
 
+    @pytest.hookimpl(tryfirst=True)
     def pytest_keyboard_interrupt(self, excinfo) -> None:
         self.session.interrupted = True
 
