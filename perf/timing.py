@@ -71,8 +71,11 @@ class TimedEngine:
                 pass
 
 
-def median_seconds(call: TimedEngine, *, warmup: int, rounds: int) -> float:
-    """A plain median for the in-run CPU baseline (not a pytest-benchmark test)."""
+def sample_seconds(call: TimedEngine, *, warmup: int, rounds: int) -> list[float]:
+    """Per-round seconds of ``call`` after ``warmup`` untimed rounds, outside pytest-benchmark (CPU baseline, sweep).
+
+    The same call, setup and synchronization as the benchmarks' rounds.
+    """
     for _ in range(warmup):
         args, _ = call.setup()
         call(*args)
@@ -82,7 +85,12 @@ def median_seconds(call: TimedEngine, *, warmup: int, rounds: int) -> float:
         start = time.perf_counter()
         call(*args)
         samples.append(time.perf_counter() - start)
-    samples.sort()
+    return samples
+
+
+def median_seconds(call: TimedEngine, *, warmup: int, rounds: int) -> float:
+    """A plain median for the in-run CPU baseline (not a pytest-benchmark test)."""
+    samples = sorted(sample_seconds(call, warmup=warmup, rounds=rounds))
     return samples[len(samples) // 2]
 
 

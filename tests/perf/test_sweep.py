@@ -1,0 +1,104 @@
+"""The characterization sweep on the CPU: real runs of the tiny models over a small grid, resumed, interrupted, reported."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perf.sweep_report import claims, read_csv
+
+ROOT = Path(__file__).resolve().parents[2]
+SELECT = ["--models=tiny-bert", "--precisions=fp32,hybrid", "--sweep-grid=small", "--rounds=5", "--warmup=1",
+          "--cpu-rounds=1"]
+
+
+def sweep(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "perf.sweep", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def lines(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep")
+    cache = tmp_path_factory.mktemp("cache")
+    proc = sweep(f"--out={folder}", f"--engine-cache={cache}", *SELECT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return folder, cache
+
+
+def test_every_configuration_is_one_line_with_every_measurement(swept):
+    folder, _ = swept
+    records = lines(folder)
+    assert len(records) == 2 * 4 and len({r["key"] for r in records}) == 8  # 2 precisions x 4 shapes
+    for r in records:
+        assert r["schema"] == 1 and r["status"] == "measured" and r["numerics"] == "production"
+        assert r["rounds"] == 5 and r["p99_ms"] >= r["median_ms"] > 0 and r["tokens_per_s"] > 0
+        assert r["cpu_fp32_rounds"] == 1 and r["speedup_over_cpu_fp32"] == pytest.approx(r["cpu_fp32_median_ms"] / r["median_ms"])
+        assert r["fidelity"]["source"].startswith("python-docs packed") and r["fidelity"]["nan"] == 0
+    run = json.loads((folder / "runs.jsonl").read_text().splitlines()[0])
+    assert run["status"] == "complete" and run["measured"] == 8 and run["host"]["cpu_threads"] >= 1
+
+
+def test_a_rerun_measures_only_what_is_missing(swept):
+    folder, cache = swept
+    proc = sweep(f"--out={folder}", f"--engine-cache={cache}", *SELECT)
+    assert proc.returncode == 0 and "8 already in" in proc.stdout and "measuring 0" in proc.stdout
+    more = sweep(f"--out={folder}", f"--engine-cache={cache}", *SELECT, "--precisions=fp32,hybrid,fp16")
+    assert more.returncode == 0 and "measuring 4" in more.stdout
+    assert len(lines(folder)) == 12
+
+
+def test_an_interrupted_sweep_keeps_its_lines_and_the_rerun_completes_it(tmp_path, swept):
+    _, cache = swept
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    slow = [a for a in SELECT if not a.startswith("--rounds")] + ["--rounds=400"]  # seconds per configuration
+    proc = subprocess.Popen([sys.executable, "-m", "perf.sweep", f"--out={tmp_path}", f"--engine-cache={cache}", *slow],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = tmp_path / "results.jsonl"
+    import time
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (results.exists() and results.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output[-2000:]
+    assert "sweep interrupted" in output and "run the same command again" in output
+    kept = lines(tmp_path)
+    assert 1 <= len(kept) < 8
+    assert json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])["status"] == "interrupted"
+    again = sweep(f"--out={tmp_path}", f"--engine-cache={cache}", *SELECT)
+    assert again.returncode == 0 and f"{len(kept)} already in" in again.stdout
+    final = lines(tmp_path)
+    assert len(final) == 8 and len({r["key"] for r in final}) == 8  # nothing measured twice
+    assert [r["key"] for r in final[: len(kept)]] == [r["key"] for r in kept]  # what was kept is untouched
+
+
+def test_the_report_is_made_from_the_data(swept):
+    folder, _ = swept
+    proc = sweep("report", str(folder))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = (folder / "report.md").read_text()
+    rows = read_csv(folder / "sweep.csv")
+    assert len(rows) == len(lines(folder))
+    for claim, published, measured, verdict in claims(rows):  # regenerated from the CSV: the same table
+        assert " ".join(f"| {claim} | {published} | {measured} | {verdict} |".split()) in " ".join(report.split())
+    for name in ("latency_vs_batch_tiny-bert.png", "speedup_over_cpu.png", "precision_latency_ratios.png",
+                 "fidelity_heatmap.png"):
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Not like for like" in report
+
+
+@pytest.mark.parametrize("args,message", [([], "--out DIR is required"), (["--models=llama"], "unknown model 'llama'")])
+def test_bad_arguments_are_usage_errors(tmp_path, args, message):
+    proc = sweep(*args, *([f"--out={tmp_path}"] if args else []), timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
