@@ -279,6 +279,8 @@ class Sweep:
                 for spec, shapes in _grouped(todo):
                     bar.set_description(spec.id)
                     try:
+                        if self.options.fidelity:  # before the engine: what it holds is then "others'" memory
+                            self.factory.reference(spec.model)
                         runner = self.factory.build(spec)
                     except BackendUnavailableError as exc:
                         for shape in shapes:
@@ -291,6 +293,8 @@ class Sweep:
                             if shape[1] > limit_s or (limit_b is not None and shape[0] > limit_b):
                                 self._record(spec, shape, "skipped", reason=f"outside the engine's limits ({limit_b}, {limit_s})")
                             else:
+                                runner.release_shapes()  # earlier shapes' CUDA graphs are not this shape's memory
+                                _free_device(runner)
                                 try:
                                     values = self.measure(runner, shape)
                                 except Exception as exc:  # noqa: BLE001 - only out-of-memory is a recorded skip

@@ -174,6 +174,12 @@ class Runner(abc.ABC):
         """Device memory held outside the torch allocator (none, for engines that allocate through torch)."""
         return EngineMemory()
 
+    def release_shapes(self) -> None:
+        """Drop what the engine keeps per input shape (captured CUDA graphs), so that the next shape's memory is its own.
+
+        Engines that keep nothing per shape do nothing; the next call at a dropped shape captures it again.
+        """
+
     def __enter__(self) -> "Runner":
         return self.build()
 

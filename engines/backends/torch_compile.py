@@ -393,6 +393,10 @@ class TorchCompileRunner(TorchRunner):
             return self.compiled(padded.input_ids, padded.attention_mask)
         return self._graphs.run(padded)
 
+    def release_shapes(self) -> None:
+        if self._graphs is not None:
+            self._graphs.clear()
+
     def _close(self) -> None:
         if self._graphs is not None:
             self._graphs.clear()

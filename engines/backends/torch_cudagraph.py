@@ -90,6 +90,10 @@ class TorchCudaGraphRunner(TorchRunner):
     def _run(self, staged: TokenBatch) -> torch.Tensor:
         return self._graphs.run(staged).float()
 
+    def release_shapes(self) -> None:
+        if self._graphs is not None:
+            self._graphs.clear()
+
     def _close(self) -> None:
         if self._graphs is not None:
             self._graphs.clear()
