@@ -108,22 +108,20 @@ class EngineFactory:
             self.skipped[key] = str(exc)
             built_only = getattr(exc, "info", None)  # built, checked and cached, but not runnable here
             if built_only is not None:
-                self.built[key] = {
-                    **built_only.as_dict(),
-                    "runnable": False,
-                    "not_runnable_because": str(exc),
-                    "policy": self.policy(spec.precision).describe(),
-                    "build_seconds": round(time.perf_counter() - started, 3),
-                    "audit": exc.audit.as_dict(),
-                }
+                self.built[key] = self._build_record(built_only, spec, exc.audit, started)
+                self.built[key].update(runnable=False, not_runnable_because=str(exc))
             raise
-        self.built[key] = {
-            **runner.info().as_dict(),
-            "policy": runner.policy.describe(),
-            "build_seconds": round(time.perf_counter() - started, 3),
-            "audit": runner.audit.as_dict(),
-        }
+        self.built[key] = self._build_record(runner.info(), spec, runner.audit, started)
         return runner
+
+    def _build_record(self, info, spec: EngineSpec, audit, started: float) -> dict[str, Any]:
+        """What reports keep of a built engine: its facts, policy, build time and precision audit."""
+        return {
+            **info.as_dict(),
+            "policy": self.policy(spec.precision).describe(),
+            "build_seconds": round(time.perf_counter() - started, 3),
+            "audit": audit.as_dict(),
+        }
 
     def skip(self, spec: EngineSpec, reason: str) -> None:
         self.skipped[spec.id] = reason

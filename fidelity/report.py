@@ -232,8 +232,7 @@ class FidelityReport:
         if throttle and now - self._last_write < WRITE_INTERVAL_S:
             return
         self._last_write = now
-        data = json.loads(json.dumps(_json_safe(self.as_dict()), default=str))
-        atomic_write_json(self.path, data, allow_nan=False)
+        atomic_write_json(self.path, _json_safe(self.as_dict()), allow_nan=False, default=str)
 
     def table(self) -> str:
         if not self.rows:

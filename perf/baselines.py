@@ -80,11 +80,12 @@ def default_storage(rootdir: Path) -> Path:
     return Path(configured).expanduser() if configured else Path(rootdir) / "baselines"
 
 
-def machine_facts(device: str, numerics: dict[str, Any]) -> dict[str, Any]:
-    """What pytest-benchmark's machine_info gets under "fidelity_suite"; ``numerics`` from engines.numerics.record."""
-    from engines.env import environment_info
+def machine_facts(device: str, env: dict[str, Any], numerics: dict[str, Any]) -> dict[str, Any]:
+    """What pytest-benchmark's machine_info gets under "fidelity_suite".
 
-    env = environment_info(device)
+    ``env`` is the session's environment (``EngineFactory.environment``, read once: it runs nvidia-smi),
+    ``numerics`` the setting in force (``engines.numerics.record``).
+    """
     facts: dict[str, Any] = {
         "schema": BASELINE_SCHEMA_VERSION,
         "machine_id": machine_id(device),

@@ -113,7 +113,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if baseline_path is not None:
         try:
             baseline = Baseline(baseline_path)
-            current = machine_facts(device, factory.numerics_record())
+            current = machine_facts(device, factory.environment(), factory.numerics_record())
             check_compatible(baseline.facts, current, source=baseline_path, backends=baseline.backends)
             baseline.check_policies(selection.record()["policies"])
         except BaselineMismatchError as exc:
@@ -179,7 +179,9 @@ def perf_threshold(request: pytest.FixtureRequest, perf_session: PerfSession) ->
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     session = config.stash.get(PERF_KEY, None)
     if session is not None:
-        machine_info["fidelity_suite"] = machine_facts(session.device, session.factory.numerics_record())
+        machine_info["fidelity_suite"] = machine_facts(
+            session.device, session.factory.environment(), session.factory.numerics_record()
+        )
 
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
@@ -196,3 +198,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     terminalreporter.write_sep("=", "latency gate")
     for line in session.summary_lines():
         terminalreporter.write_line(line)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(PERF_KEY, None)
+    if session is not None:
+        session.cpu.close()

@@ -20,15 +20,14 @@ from perf.baselines import RUN_RECORD_SCHEMA_VERSION, Baseline
 from perf.options import PerfOptions
 from perf.stats import Comparison, SuiteAggregate, compare_memory, compare_samples, median, percentile, suite_aggregate
 from perf.timing import (
+    CpuBaseline,
     TimedEngine,
     device_used_bytes,
     first_call_seconds,
-    median_seconds,
     peak_device_bytes,
     staged_inputs,
 )
 
-CPU_BASELINE_ROUNDS = 3
 
 
 @dataclasses.dataclass
@@ -93,8 +92,7 @@ class PerfSession:
         self.finished: set[str] = set()
         self.interrupted = False
         self.results: list[PerfResult] = []
-        self._cpu_runners: dict[str, Runner] = {}
-        self._cpu_medians: dict[tuple[str, int, int], float] = {}
+        self.cpu = CpuBaseline(factory)
 
     def gates(self, backend: str) -> bool:
         """Whether a regression of this backend fails its test (others are compared and reported)."""
@@ -116,15 +114,7 @@ class PerfSession:
         """The same model's FP32 eager engine on the CPU, same shape, measured in this run."""
         if not self.options.cpu_baseline:
             return None
-        key = (runner.model.name, *shape)
-        if key not in self._cpu_medians:
-            if runner.model.name not in self._cpu_runners:
-                spec = self.factory.cpu_baseline_spec(runner.model.name)
-                self._cpu_runners[runner.model.name] = self.factory.build(spec, device="cpu")
-            cpu = self._cpu_runners[runner.model.name]
-            call = TimedEngine(cpu, staged_inputs(cpu, *shape, copies=2))
-            self._cpu_medians[key] = median_seconds(call, warmup=1, rounds=CPU_BASELINE_ROUNDS)
-        return self._cpu_medians[key]
+        return self.cpu.median_seconds(runner.model.name, shape)
 
     def measure(self, benchmark, runner: Runner, shape: tuple[int, int]) -> PerfResult:
         delay, factor = self.options.slowdown_for(runner.name)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.options import ENGINE_OPTIONS, Option, OptionError, add_options, collect, usage_errors, value_or_default
+from perf.timing import CPU_BASELINE_ROUNDS, CpuBaseline
 
 SWEEP_SCHEMA_VERSION = 1
 RESULTS_FILE = "results.jsonl"
@@ -51,7 +52,6 @@ DEFAULTS = {
     "cpu": {"models": "tiny-bert,tiny-gpt2", "backends": "torch", "grid": "small", "rounds": 10, "warmup": 2},
 }
 DEFAULT_PRECISIONS = "fp32,fp16,hybrid"
-CPU_BASELINE_ROUNDS = 3  # the CPU FP32 forward dominates a sweep's time; fewer rounds, recorded with each line
 FIDELITY_SEED = 20261125
 
 SWEEP_OPTIONS: tuple[Option, ...] = (
@@ -163,29 +163,13 @@ class Sweep:
         self.options = options
         self.factory = EngineFactory(selection)
         self.store = ResultStore(options.out)
-        self._cpu: dict[tuple[str, int, int], tuple[float, int]] = {}
-        self._cpu_runners: dict[str, Any] = {}
+        self.cpu = CpuBaseline(self.factory, rounds=options.cpu_rounds)
         self._corpus = None
 
     def configurations(self) -> list[tuple[Any, tuple[int, int]]]:
         return [(spec, shape) for spec in self.factory.specs() for shape in SWEEP_GRIDS[self.options.grid]]
 
     # -- pieces of one measurement --------------------------------------------------------------------
-    def cpu_fp32(self, model: str, shape: tuple[int, int]) -> tuple[float, int] | None:
-        from perf.timing import TimedEngine, sample_seconds, staged_inputs
-
-        if not self.options.cpu_baseline:
-            return None
-        key = (model, *shape)
-        if key not in self._cpu:
-            if model not in self._cpu_runners:
-                self._cpu_runners[model] = self.factory.build(self.factory.cpu_baseline_spec(model), device="cpu")
-            runner = self._cpu_runners[model]
-            call = TimedEngine(runner, staged_inputs(runner, *shape, copies=2))
-            samples = sorted(sample_seconds(call, warmup=1, rounds=self.options.cpu_rounds))
-            self._cpu[key] = (samples[len(samples) // 2], self.options.cpu_rounds)
-        return self._cpu[key]
-
     def fidelity(self, runner, shape: tuple[int, int]) -> dict[str, Any] | None:
         """Min/mean cosine and NaN/Inf of a fixed, seeded natural-text batch of this shape against FP32."""
         import torch
@@ -229,7 +213,7 @@ class Sweep:
         first = first_call_seconds(call)
         samples = sample_seconds(call, warmup=self.options.warmup, rounds=self.options.rounds)
         med = median(samples)
-        cpu = self.cpu_fp32(runner.model.name, shape)
+        cpu = self.cpu.median_seconds(runner.model.name, shape) if self.options.cpu_baseline else None
         return {
             "median_ms": med * 1e3,
             "p90_ms": percentile(samples, 90) * 1e3,
@@ -240,9 +224,9 @@ class Sweep:
             "tokens_per_s": batch * seq / med,
             "peak_device_bytes": peak_device_bytes(call),
             "first_call_s": first,
-            "cpu_fp32_median_ms": None if cpu is None else cpu[0] * 1e3,
-            "cpu_fp32_rounds": None if cpu is None else cpu[1],
-            "speedup_over_cpu_fp32": None if cpu is None else cpu[0] / med,
+            "cpu_fp32_median_ms": None if cpu is None else cpu * 1e3,
+            "cpu_fp32_rounds": None if cpu is None else self.cpu.rounds,
+            "speedup_over_cpu_fp32": None if cpu is None else cpu / med,
             "fidelity": self.fidelity(runner, shape),
         }
 
@@ -316,6 +300,7 @@ class Sweep:
         finally:
             run_record.update(status=status, measured=measured, seconds=round(time.perf_counter() - started, 1))
             self.store.log_run(run_record)
+            self.cpu.close()
             self.factory.close()
         print(f"sweep: {measured} measured in {run_record['seconds']} s; report with: python -m perf.sweep report "
               f"{self.options.out}", flush=True)

@@ -137,3 +137,35 @@ def cap_device_memory(device: str, gib: float) -> None:
     if not 0 < gib * 2**30 < total:
         raise ValueError(f"--perf-memory-cap-gib must be above 0 and below this GPU's {total / 2**30:.1f} GiB, got {gib}")
     torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)
+
+
+CPU_BASELINE_ROUNDS = 3  # the CPU FP32 forward is slow at large shapes: few rounds, recorded with each result
+
+
+class CpuBaseline:
+    """The same model's FP32 engine on the CPU (``factory.cpu_baseline_spec``), timed per shape in this run.
+
+    One CPU engine per model, one median per (model, shape), both kept for the run: what the
+    benchmarks' and the sweep's speedups are computed against.
+    """
+
+    def __init__(self, factory, *, rounds: int = CPU_BASELINE_ROUNDS) -> None:
+        self.factory = factory
+        self.rounds = rounds
+        self._runners: dict[str, Runner] = {}
+        self._medians: dict[tuple[str, int, int], float] = {}
+
+    def median_seconds(self, model: str, shape: tuple[int, int]) -> float:
+        key = (model, *shape)
+        if key not in self._medians:
+            if model not in self._runners:
+                self._runners[model] = self.factory.build(self.factory.cpu_baseline_spec(model), device="cpu")
+            runner = self._runners[model]
+            call = TimedEngine(runner, staged_inputs(runner, *shape, copies=2))
+            self._medians[key] = median_seconds(call, warmup=1, rounds=self.rounds)
+        return self._medians[key]
+
+    def close(self) -> None:
+        for runner in self._runners.values():
+            runner.close()
+        self._runners.clear()

@@ -398,8 +398,7 @@ class TorchCompileRunner(TorchRunner):
             self._graphs.clear()
 
     def _close(self) -> None:
-        if self._graphs is not None:
-            self._graphs.clear()
+        self.release_shapes()
         self._graphs = None
         self.compiled = None
         # Dynamo's code cache keeps every compiled graph, and with freezing their

@@ -95,8 +95,7 @@ class TorchCudaGraphRunner(TorchRunner):
             self._graphs.clear()
 
     def _close(self) -> None:
-        if self._graphs is not None:
-            self._graphs.clear()
+        self.release_shapes()
         self._graphs = None
         super()._close()
 

@@ -31,6 +31,7 @@ is installable on the lent H100 in a runnable form); the run path is written aga
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import re
@@ -291,6 +292,13 @@ def parse_kernel_report(log_text: str) -> list[Kernel]:
     return kernels
 
 
+def read_kernel_report(path: Path) -> tuple[dict[str, Any], list[Kernel]]:
+    """The parsed network's tally and the kernels of a cached engine's ``kernels.json``."""
+    report = json.loads(path.read_text())
+    kernels = [Kernel(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}) for d in report["kernels"]]
+    return report["network"], kernels
+
+
 def check_built_kernels(kernels: list[Kernel], expected: dict[str, tuple[str, str]], policy) -> tuple[list[str], list[str]]:
     """``(problems, blind spots)`` of a built engine's kernels against the dtype each ONNX compute node must have.
 
@@ -482,8 +490,7 @@ class TensorRTRunner(Runner):
             description=f"{self.name} {self.runtime.what} engine for {self.target}",
         )
         self.plan_path = entry.file(ENGINE_FILE)
-        report = json.loads(entry.file(KERNELS_FILE).read_text())
-        kernels = [Kernel(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}) for d in report["kernels"]]
+        network, kernels = read_kernel_report(entry.file(KERNELS_FILE))
         problems, blind = check_built_kernels(kernels, expected, self.policy)
         self.audit = dataclasses.replace(
             graph_audit,
@@ -491,8 +498,8 @@ class TensorRTRunner(Runner):
             "the built engine's kernels from the builder's layer report",
             problems=graph_audit.problems + problems,
             blind_spots=graph_audit.blind_spots + blind,
-            details=dict(graph_audit.details, network=report["network"],
-                         kernels={k.layer_type: sum(1 for x in kernels if x.layer_type == k.layer_type) for k in kernels}),
+            details=dict(graph_audit.details, network=network,
+                         kernels=dict(collections.Counter(k.layer_type for k in kernels))),
         )
         raise_on_mismatch(self.audit)  # a wrong engine fails even where it cannot run
         reason = self._deserialize()

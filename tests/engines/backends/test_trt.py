@@ -5,6 +5,7 @@ the same test session; nothing is written by hand.
 """
 
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -25,7 +26,6 @@ from engines.backends.trt import (  # noqa: E402 - after the import check
     KERNELS_FILE,
     RUNTIMES,
     BuiltNotRunnableError,
-    Kernel,
     ShapeProfile,
     TensorRTRTXRunner,
     _LogCollector,
@@ -33,6 +33,7 @@ from engines.backends.trt import (  # noqa: E402 - after the import check
     check_network_types,
     import_tensorrt,
     offered_targets,
+    read_kernel_report,
     resolve_target,
 )
 
@@ -46,11 +47,6 @@ def build(model, precision, cache) -> BuiltNotRunnableError:
     with pytest.raises(BuiltNotRunnableError) as info:
         runner.build()
     return info.value
-
-
-def kernels_of(entry_path) -> list[Kernel]:
-    report = json.loads((entry_path / KERNELS_FILE).read_text())
-    return [Kernel(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}) for d in report["kernels"]]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +99,7 @@ def test_the_kernel_check_fails_an_engine_built_in_other_dtypes(tiny_bert, rtx_c
     """The real kernel report of the hybrid engine, held to the FP32 policy: its half GEMMs are caught."""
     policy = get_policy("hybrid")
     entry = build(tiny_bert, "hybrid", rtx_cache).info.details["plan"]
-    kernels = kernels_of(__import__("pathlib").Path(entry).parent)
+    _network, kernels = read_kernel_report(Path(entry).parent / KERNELS_FILE)
     graph = precision_graph(tiny_bert, policy, rtx_cache)
     as_fp32 = expected_node_dtypes(onnx.load(str(graph.path), load_external_data=False), get_policy("fp32"))
     problems, _ = check_built_kernels(kernels, as_fp32, get_policy("fp32"))
@@ -137,7 +133,7 @@ def test_a_corrupt_cached_plan_is_rebuilt(tiny_gpt2, tmp_path):
 def test_a_plan_recorded_for_another_runtime_version_is_refused(tiny_gpt2, tmp_path):
     cache = EngineCache(tmp_path)
     plan = build(tiny_gpt2, "fp16", cache).info.details["plan"]
-    manifest_path = __import__("pathlib").Path(plan).parent / "manifest.json"
+    manifest_path = Path(plan).parent / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["fields"]["runtime_version"] = "0.9.0"  # as if another TensorRT for RTX had written this entry
     manifest_path.write_text(json.dumps(manifest))
