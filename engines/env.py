@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from pathlib import Path
 from typing import Any
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -50,6 +51,17 @@ def resolve_device(choice: str) -> str:
     raise DeviceUnavailableError(f"--device must be one of {DEVICE_CHOICES} or cuda:N, got {choice!r}")
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (/proc/cpuinfo), else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def _nvidia_smi(query: str) -> str | None:
     try:
         out = subprocess.run(
@@ -78,7 +90,7 @@ def environment_info(device: str) -> dict[str, Any]:
         "device": device,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "transformers": transformers_version,

@@ -14,7 +14,7 @@ import dataclasses
 import time
 from typing import Any
 
-from engines.backends.base import BackendUnavailableError, BuildOptions, Runner
+from engines.backends.base import BackendUnavailableError, BuildOptions, Runner, engine_name
 from engines.backends.registry import BACKENDS, get_backend
 from engines.backends.torch_eager import TorchReferenceRunner
 from engines.cache import EngineCache
@@ -35,8 +35,8 @@ class EngineSpec:
 
     @property
     def id(self) -> str:
-        """``model/backend/precision``: the engine's name everywhere (reports, baselines, test ids)."""
-        return f"{self.model}/{self.backend}/{self.precision}"
+        """``model/backend/precision`` (:func:`~engines.backends.base.engine_name`)."""
+        return engine_name(self.model, self.backend, self.precision)
 
 
 class EngineFactory:

@@ -246,6 +246,14 @@ def check_trt_target(value: str) -> str:
     return value
 
 
+def check_creatable(path: Path, *, source: str, fix: str) -> Path:
+    """``path`` can be created: the nearest path above it that exists is a folder this process may write to."""
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise OptionError(f"{source} {path} cannot be created under {parent}; {fix}")
+    return path
+
+
 def check_cache_folder(path: Path, *, source: str = "--engine-cache") -> Path:
     """An engine cache folder: refused if it is a file or cannot be created; a read-only one is allowed."""
     if path.exists() and not path.is_dir():
@@ -253,12 +261,7 @@ def check_cache_folder(path: Path, *, source: str = "--engine-cache") -> Path:
             f"{source} {path} is a file, not a folder; point --engine-cache at a folder (it is created if missing)"
         )
     if not path.exists():
-        parent = next((p for p in path.parents if p.exists()), None)
-        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise OptionError(
-                f"{source} {path} does not exist and cannot be created under {parent}; "
-                "point --engine-cache at a writable folder"
-            )
+        check_creatable(path, source=source, fix="point --engine-cache at a writable folder")
     return path
 
 

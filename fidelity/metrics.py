@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from engines.backends.base import engine_name
 from engines.batch import TokenBatch
 from engines.precision.policy import POLICIES, PrecisionPolicy, UnknownPrecisionError
 
@@ -91,7 +92,7 @@ class CompareContext:
 
     @property
     def engine(self) -> str:
-        return f"{self.model}/{self.backend}/{self.precision}"
+        return engine_name(self.model, self.backend, self.precision)
 
 
 @dataclasses.dataclass

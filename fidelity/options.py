@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engines.options import EngineSelection, Option, OptionError, parse_list
+from engines.options import EngineSelection, Option, OptionError, check_creatable, parse_list
 from fidelity.strategies import INPUT_PROFILES, InputProfile
 
 FIDELITY_OPTIONS: tuple[Option, ...] = (
@@ -95,7 +95,4 @@ def check_report_path(value: str | None) -> Path | None:
         raise OptionError(
             f"--fidelity-report {path} is a folder; give a file path such as {path / 'fidelity-report.json'}"
         )
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise OptionError(f"--fidelity-report {path}: cannot write under {parent}; choose a writable folder")
-    return path
+    return check_creatable(path, source="--fidelity-report", fix="choose a writable folder")

@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from engines.env import cpu_model
+
 BASELINES_ENV = "FIDELITY_BASELINES"
 # Version history of the "fidelity_suite" block inside pytest-benchmark's machine_info:
 #   1: machine_id, gpu, compute_capability, driver, cuda, torch, transformers, onnxruntime, tensorrt
@@ -55,23 +57,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_id(device: str) -> str:
     if device.startswith("cuda"):
         import torch
 
         props = torch.cuda.get_device_properties(torch.device(device))
         return f"sm{props.major}{props.minor}-{_slug(props.name)}"
-    return f"cpu-{platform.machine()}-{_slug(_cpu_model())}"
+    return f"cpu-{platform.machine()}-{_slug(cpu_model())}"
 
 
 def default_storage(rootdir: Path) -> Path:
@@ -97,7 +89,7 @@ def machine_facts(device: str, env: dict[str, Any], numerics: dict[str, Any]) ->
         "cuda": env.get("cuda_runtime"),
         "torch": env.get("torch"),
         "transformers": env.get("transformers"),
-        "cpu": _cpu_model(),
+        "cpu": env.get("cpu"),
     }
     for name in ("onnxruntime", "tensorrt", "tensorrt_rtx"):
         try:

@@ -22,17 +22,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from engines.options import ENGINE_OPTIONS, Option, OptionError, add_options, collect, usage_errors, value_or_default
+from engines.env import cpu_model, resolve_device
+from engines.options import (
+    ENGINE_OPTIONS,
+    EngineSelection,
+    Option,
+    OptionError,
+    add_options,
+    check_creatable,
+    collect,
+    usage_errors,
+    value_or_default,
+)
 from perf.timing import CPU_BASELINE_ROUNDS, CpuBaseline
 
 SWEEP_SCHEMA_VERSION = 1
@@ -120,6 +131,12 @@ class ResultStore:
     def done(self) -> set[str]:
         return {r["key"] for r in self.records()}
 
+    def runs(self) -> list[dict[str, Any]]:
+        """The record of every run into this folder (``DIR/runs.jsonl``), oldest first."""
+        if not self.runs_path.exists():
+            return []
+        return [json.loads(line) for line in self.runs_path.read_text().splitlines() if line.strip()]
+
     def _append(self, path: Path, record: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as handle:
@@ -140,9 +157,7 @@ class ResultStore:
 def host_facts() -> dict[str, Any]:
     import torch
 
-    from perf.baselines import _cpu_model
-
-    return {"cpu_model": _cpu_model(), "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+    return {"cpu_model": cpu_model(), "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "machine": platform.machine()}
 
 
@@ -163,6 +178,7 @@ class Sweep:
         self.options = options
         self.factory = EngineFactory(selection)
         self.store = ResultStore(options.out)
+        self.done = self.store.done()  # what earlier runs measured (a results file of another schema is refused)
         self.cpu = CpuBaseline(self.factory, rounds=options.cpu_rounds)
         self._corpus = None
 
@@ -239,8 +255,7 @@ class Sweep:
 
         self.factory.apply_numerics()
         configs = self.configurations()
-        done = self.store.done()
-        todo = [(spec, shape) for spec, shape in configs if config_key(spec.id, *shape) not in done]
+        todo = [(spec, shape) for spec, shape in configs if config_key(spec.id, *shape) not in self.done]
         print(f"sweep: {len(configs)} configurations; {len(configs) - len(todo)} already in {self.store.path} "
               f"(skipped); measuring {len(todo)}", flush=True)
         run_record = {
@@ -260,7 +275,9 @@ class Sweep:
         started = time.perf_counter()
         try:
             with tqdm(total=len(todo), unit="config", file=sys.stderr, dynamic_ncols=True) as bar:
-                for spec, shapes in _grouped(todo):
+                # Consecutive configurations of one engine together: each engine is built once per run.
+                for spec, configs_of_spec in itertools.groupby(todo, key=lambda config: config[0]):
+                    shapes = [shape for _, shape in configs_of_spec]
                     bar.set_description(spec.id)
                     try:
                         if self.options.fidelity:  # before the engine: what it holds is then "others'" memory
@@ -325,19 +342,6 @@ class Sweep:
         })
 
 
-def _grouped(todo) -> Iterator[tuple[Any, list[tuple[int, int]]]]:
-    """Consecutive configurations of one engine together: each engine is built once per run."""
-    current, shapes = None, []
-    for spec, shape in todo:
-        if spec != current and shapes:
-            yield current, shapes
-            shapes = []
-        current = spec
-        shapes.append(shape)
-    if shapes:
-        yield current, shapes
-
-
 def _free_device(runner) -> None:
     import torch
 
@@ -348,10 +352,8 @@ def _free_device(runner) -> None:
 # --- command line ----------------------------------------------------------------------------------
 
 
-def parse_run(argv: list[str]) -> tuple[Any, SweepOptions, str]:
-    from engines.options import EngineSelection
-    from engines.env import resolve_device
-
+def parse_run(argv: list[str]) -> tuple[Sweep, str]:
+    """The sweep the command line asks for, and the command; a bad value is a usage error before anything runs."""
     parser = argparse.ArgumentParser(prog="python -m perf.sweep", description=__doc__.splitlines()[0])
     add_options(parser.add_argument, ENGINE_OPTIONS)
     add_options(parser.add_argument, SWEEP_OPTIONS)
@@ -374,10 +376,12 @@ def parse_run(argv: list[str]) -> tuple[Any, SweepOptions, str]:
         out = Path(values["out"]).expanduser()
         if out.exists() and not out.is_dir():
             raise OptionError(f"--out {out} is a file; give a folder")
-        for flag in ("rounds", "warmup", "cpu_rounds"):
-            value = values.get(flag)
-            if value is not None and value < (5 if flag == "rounds" else 0 if flag == "warmup" else 1):
-                raise OptionError(f"--{flag.replace('_', '-')} {value} is too small")
+        if not out.exists():
+            check_creatable(out, source="--out", fix="give a folder that can be created (it is created if missing)")
+        for dest, least in (("rounds", 5), ("warmup", 0), ("cpu_rounds", 1)):
+            value = values.get(dest)
+            if value is not None and value < least:
+                raise OptionError(f"--{dest.replace('_', '-')} {value} is too small")
         options = SweepOptions(
             out=out,
             grid=values.get("sweep_grid") or defaults["grid"],
@@ -387,9 +391,10 @@ def parse_run(argv: list[str]) -> tuple[Any, SweepOptions, str]:
             cpu_baseline=not values.get("no_cpu_baseline"),
             fidelity=not values.get("no_fidelity"),
         )
+        sweep = Sweep(selection, options)
     except usage_errors() as exc:
         parser.error(str(exc))
-    return selection, options, "python -m perf.sweep " + " ".join(argv)
+    return sweep, "python -m perf.sweep " + " ".join(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         from perf.sweep_report import main as report_main
 
         return report_main(argv[1:])
-    selection, options, command = parse_run(argv)
-    return Sweep(selection, options).run(command=command)
+    sweep, command = parse_run(argv)
+    return sweep.run(command=command)
 
 
 if __name__ == "__main__":

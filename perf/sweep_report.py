@@ -22,7 +22,7 @@ from typing import Any
 
 from engines.files import atomic_write_bytes, atomic_write_text
 from engines.tables import render_table
-from perf.sweep import RESULTS_FILE, RUNS_FILE, SWEEP_SCHEMA_VERSION, ResultStore
+from perf.sweep import RESULTS_FILE, SWEEP_SCHEMA_VERSION, ResultStore
 
 # The published pipeline's claims (arXiv 2603.28708, abstract; its per-configuration tables are not public).
 PUBLISHED = {
@@ -327,8 +327,7 @@ def write_report(folder: Path, out: Path | None = None) -> list[Path]:
     records = store.records()
     if not records:
         raise ValueError(f"{folder / RESULTS_FILE} holds no sweep results: run `python -m perf.sweep --out {folder}` first")
-    runs = [json.loads(line) for line in (folder / RUNS_FILE).read_text().splitlines() if line.strip()] \
-        if (folder / RUNS_FILE).exists() else []
+    runs = store.runs()
     rows = [flatten(r) for r in records]
     written = [
         atomic_write_text(out / "sweep.csv", to_csv(rows)),

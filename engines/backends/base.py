@@ -53,8 +53,13 @@ def require_runtime(module: str, *, what: str, install_hint: str, minimum_major:
     return runtime
 
 
+def engine_name(model: str, backend: str, precision: str) -> str:
+    """An engine's name everywhere (reports, baselines, test ids): ``model/backend/precision``."""
+    return f"{model}/{backend}/{precision}"
+
+
 def split_engine_name(name: str) -> tuple[str, str, str]:
-    """``model/backend/precision`` (a :attr:`Runner.name`, as stored with each perf result) split into its parts."""
+    """An :func:`engine_name` (as stored with each perf result) split into its parts."""
     model, backend, precision = name.split("/")
     return model, backend, precision
 
@@ -115,8 +120,8 @@ class Runner(abc.ABC):
     # -- public protocol -------------------------------------------------------
     @property
     def name(self) -> str:
-        """``model/backend/precision``; :func:`split_engine_name` takes it apart."""
-        return f"{self.model.name}/{self.backend}/{self.policy.name}"
+        """``model/backend/precision`` (:func:`engine_name`)."""
+        return engine_name(self.model.name, self.backend, self.policy.name)
 
     def build(self) -> "Runner":
         """Build once; every engine ends its build with a precision audit that must pass."""

@@ -51,7 +51,7 @@ from engines.precision.audit import FUSED_ATTENTION, note_reduction
 from engines.backends.base import EngineInfo
 from engines.batch import TokenBatch
 from engines.precision.policy import FLOAT32, PrecisionPolicy
-from engines.backends.torch_cudagraph import CapturedGraphs
+from engines.backends.torch_cudagraph import CapturedGraphs, KeepsCapturedGraphs
 from engines.backends.torch_eager import TorchRunner
 from engines.precision.torch_apply import (
     DTYPES_ATTRIBUTE,
@@ -319,7 +319,7 @@ def inductor_cache(path: str):
             os.environ[INDUCTOR_CACHE_ENV] = previous
 
 
-class TorchCompileRunner(TorchRunner):
+class TorchCompileRunner(KeepsCapturedGraphs, TorchRunner):
     backend: ClassVar[str] = "torch-compile"
 
     def __init__(self, model, policy, device: str, options=None, *, max_graphs: int = 16) -> None:
@@ -335,7 +335,6 @@ class TorchCompileRunner(TorchRunner):
         self.fused_qkv_layers = 0
         self.padded_projections = 0
         self.cudnn_attention = False
-        self._graphs: CapturedGraphs | None = None
         self._compiled_buckets: set[tuple[int, int]] = set()
 
     def _make_module(self) -> nn.Module:
@@ -393,19 +392,13 @@ class TorchCompileRunner(TorchRunner):
             return self.compiled(padded.input_ids, padded.attention_mask)
         return self._graphs.run(padded)
 
-    def release_shapes(self) -> None:
-        if self._graphs is not None:
-            self._graphs.clear()
-
     def _close(self) -> None:
-        self.release_shapes()
-        self._graphs = None
         self.compiled = None
         # Dynamo's code cache keeps every compiled graph, and with freezing their
         # weight constants, alive after the engine is gone: drop it.  Another
         # live compile engine keeps its captured graphs; a new shape recompiles.
         torch.compiler.reset()
-        super()._close()
+        super()._close()  # the captured graphs, then the module and the allocator's cache
 
     def _info(self) -> EngineInfo:
         attention = "explicit policy attention"

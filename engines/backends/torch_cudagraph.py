@@ -72,23 +72,10 @@ class CapturedGraphs:
         self._graphs.clear()
 
 
-class TorchCudaGraphRunner(TorchRunner):
-    backend: ClassVar[str] = "torch-cudagraph"
+class KeepsCapturedGraphs:
+    """Mixin for a runner whose captured graphs live in ``self._graphs``: dropped per shape on request, and on close."""
 
-    def __init__(self, model, policy, device: str, options=None, *, max_graphs: int = 8) -> None:
-        super().__init__(model, policy, device, options)
-        if self.device.type != "cuda":
-            raise BackendUnavailableError(f"{self.backend} needs a CUDA device, got {self.device}")
-        self.max_graphs = max_graphs
-        self._graphs: CapturedGraphs | None = None
-
-    def _build(self) -> None:
-        super()._build()
-        self._graphs = CapturedGraphs(self.forward, self.device, self.max_graphs)
-
-    @torch.inference_mode()
-    def _run(self, staged: TokenBatch) -> torch.Tensor:
-        return self._graphs.run(staged).float()
+    _graphs: CapturedGraphs | None = None
 
     def release_shapes(self) -> None:
         if self._graphs is not None:
@@ -98,6 +85,24 @@ class TorchCudaGraphRunner(TorchRunner):
         self.release_shapes()
         self._graphs = None
         super()._close()
+
+
+class TorchCudaGraphRunner(KeepsCapturedGraphs, TorchRunner):
+    backend: ClassVar[str] = "torch-cudagraph"
+
+    def __init__(self, model, policy, device: str, options=None, *, max_graphs: int = 8) -> None:
+        super().__init__(model, policy, device, options)
+        if self.device.type != "cuda":
+            raise BackendUnavailableError(f"{self.backend} needs a CUDA device, got {self.device}")
+        self.max_graphs = max_graphs
+
+    def _build(self) -> None:
+        super()._build()
+        self._graphs = CapturedGraphs(self.forward, self.device, self.max_graphs)
+
+    @torch.inference_mode()
+    def _run(self, staged: TokenBatch) -> torch.Tensor:
+        return self._graphs.run(staged).float()
 
     def _info(self) -> EngineInfo:
         return dataclasses.replace(super()._info(), mode=f"CUDA graph per shape (max {self.max_graphs} cached)")

@@ -17,13 +17,19 @@ from perf.baselines import (
 PLATFORM = "Linux-CPython-3.12-64bit"
 
 
-def store(folder: Path, name: str, record: dict | None) -> Path:
-    """A stored run as pytest-benchmark writes it (no benchmarks needed for choosing one)."""
+def store(folder: Path, name: str, record: dict | None, *, facts: dict | None = None, **fields) -> Path:
+    """A stored run as pytest-benchmark writes it (no benchmarks needed for choosing one).
+
+    ``facts``: this suite's machine facts; ``fields``: more top-level keys (benchmarks, the suite's options).
+    """
     path = folder / PLATFORM / name
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"machine_info": {}, "commit_info": {}, "benchmarks": [], "datetime": "2026-11-25T00:00:00", "version": "5.2.3"}
     if record is not None:
         data[RUN_RECORD_KEY] = record
+    if facts is not None:
+        data["machine_info"]["fidelity_suite"] = facts
+    data.update(fields)
     path.write_text(json.dumps(data))
     return path
 
@@ -105,14 +111,11 @@ def test_another_major_version_of_a_runtime_the_baseline_ran_on_is_refused(backe
 
 
 def test_a_stored_run_knows_its_backends(tmp_path):
-    path = store(tmp_path, "0001_baseline.json", None)
-    data = json.loads(path.read_text())
-    data["machine_info"]["fidelity_suite"] = FACTS
-    data["benchmarks"] = [
+    benchmarks = [
         {"fullname": f"perf/test_latency.py::test_latency[b1s128-{engine}]", "extra_info": {"engine": engine}, "stats": {}}
         for engine in ("bert-base/trt/hybrid", "gpt2/torch-compile/fp16")
     ]
-    path.write_text(json.dumps(data))
+    path = store(tmp_path, "0001_baseline.json", None, facts=FACTS, benchmarks=benchmarks)
     assert Baseline(path).backends == {"trt", "torch-compile"}
 
 
@@ -134,21 +137,15 @@ def test_a_damaged_run_is_passed_over_and_refused_when_named(tmp_path):
 
 
 def test_a_run_saved_with_an_injected_slowdown_is_not_a_baseline(tmp_path):
-    path = store(tmp_path, "0001_gate_test.json", record(40))
-    data = json.loads(path.read_text())
-    data["machine_info"]["fidelity_suite"] = FACTS
-    data["fidelity_suite_options"] = {"slowdowns": [{"pattern": "*", "delay_s": 0.0, "factor": 1.08}]}
-    path.write_text(json.dumps(data))
+    options = {"slowdowns": [{"pattern": "*", "delay_s": 0.0, "factor": 1.08}]}
+    path = store(tmp_path, "0001_gate_test.json", record(40), facts=FACTS, fidelity_suite_options=options)
     with pytest.raises(BaselineMismatchError, match="saved with an injected slowdown"):
         Baseline(path)
 
 
 def test_a_policy_file_that_changed_under_its_name_voids_the_baseline(tmp_path):
-    path = store(tmp_path, "0001_baseline.json", record(40))
-    data = json.loads(path.read_text())
-    data["machine_info"]["fidelity_suite"] = FACTS
-    data["fidelity_suite_options"] = {"engines": {"policies": {"keep": {"sha256": "a" * 64}}}}
-    path.write_text(json.dumps(data))
+    options = {"engines": {"policies": {"keep": {"sha256": "a" * 64}}}}
+    path = store(tmp_path, "0001_baseline.json", record(40), facts=FACTS, fidelity_suite_options=options)
     baseline = Baseline(path)
     baseline.check_policies({"keep": {"sha256": "a" * 64}, "other": {"sha256": "c" * 64}})
     with pytest.raises(BaselineMismatchError, match="policy file\\(s\\) keep .* changed since it was saved"):

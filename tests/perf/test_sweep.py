@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from perf.sweep import RESULTS_FILE, SWEEP_SCHEMA_VERSION
 from perf.sweep_report import claims, read_csv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,3 +103,20 @@ def test_the_report_is_made_from_the_data(swept):
 def test_bad_arguments_are_usage_errors(tmp_path, args, message):
     proc = sweep(*args, *([f"--out={tmp_path}"] if args else []), timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_out_folder_that_cannot_be_created_is_refused_before_anything_is_measured(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = sweep(f"--out={blocker / 'sweep'}", "--models=tiny-bert", "--precisions=fp32", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"--out {blocker / 'sweep'} cannot be created under {blocker}" in proc.stderr
+    assert "sweep:" not in proc.stdout  # nothing started
+
+
+def test_a_results_file_of_another_schema_is_refused_at_start_up(tmp_path):
+    (tmp_path / RESULTS_FILE).write_text(json.dumps({"schema": SWEEP_SCHEMA_VERSION + 1, "key": "x"}) + "\n")
+    proc = sweep(f"--out={tmp_path}", "--models=tiny-bert", "--precisions=fp32", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"holds schema {SWEEP_SCHEMA_VERSION + 1} lines" in proc.stderr and "use another --out" in proc.stderr
+    assert "sweep:" not in proc.stdout
