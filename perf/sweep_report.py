@@ -16,21 +16,29 @@ import io
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from engines.files import atomic_write_bytes, atomic_write_text
 from engines.tables import render_table
 from perf.sweep import RESULTS_FILE, SWEEP_SCHEMA_VERSION, ResultStore
 
+
+class Claim(NamedTuple):
+    text: str  # the claim, as the report's first column states it
+    published: str  # the published number, as the report's second column states it
+    target: Any  # what a measured number is checked against
+
+
 # The published pipeline's claims (arXiv 2603.28708, abstract; its per-configuration tables are not public).
 PUBLISHED = {
-    "speedup": ("up to 64.4x over a CPU baseline", 64.4),
-    "batch1": ("sub-10 ms latency at batch 1", 10.0),
-    "memory": ("63% less memory", 0.63),
-    "fp16": ("FP16/FP32 speedup 1.84-2.00x (A100)", (1.84, 2.00)),
-    "hybrid": ("hybrid cosine >= 0.9998 against FP32, zero NaN", 0.9998),
+    "speedup": Claim("up to 64.4x over a CPU baseline", "64.4x", 64.4),
+    "batch1": Claim("sub-10 ms latency at batch 1", "< 10 ms", 10.0),
+    "memory": Claim("63% less memory", "63%", 0.63),
+    "fp16": Claim("FP16/FP32 speedup 1.84-2.00x (A100)", "1.84-2.00x", (1.84, 2.00)),
+    "hybrid": Claim("hybrid cosine >= 0.9998 against FP32, zero NaN", ">= 0.9998, 0 NaN", 0.9998),
 }
 CSV_COLUMNS = (
     "key", "engine", "model", "backend", "precision", "batch", "sequence", "status", "reason", "median_ms", "p90_ms",
@@ -84,26 +92,25 @@ def _measured(rows):
     return [r for r in rows if r["status"] == "measured"]
 
 
-def _by(rows, *keys):
-    table = {}
-    for r in rows:
-        table[tuple(r[k] for k in keys)] = r
-    return table
+def fp32_twins(rows) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+    """The FP32 row of a row's model, backend and shape (None where there is none), as a lookup."""
+    fp32 = {(r["model"], r["backend"], r["batch"], r["sequence"]): r for r in rows if r["precision"] == "fp32"}
+    return lambda r: fp32.get((r["model"], r["backend"], r["batch"], r["sequence"]))
 
 
 def claims(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
     """``(claim, published, measured here, holds?)`` rows, computed from the sweep's rows."""
     rows = _measured(rows)
     out = []
+    claim = PUBLISHED["speedup"]
     speed = [r for r in rows if r.get("speedup_over_cpu_fp32")]
     if speed:
         best = max(speed, key=lambda r: r["speedup_over_cpu_fp32"])
         value = best["speedup_over_cpu_fp32"]
-        out.append((*PUBLISHED["speedup"][:1], f"{PUBLISHED['speedup'][1]}x",
-                    f"{value:.1f}x ({best['engine']} b{best['batch']} s{best['sequence']})",
-                    "holds" if value >= PUBLISHED["speedup"][1] else "not reached"))
+        out.append((claim.text, claim.published, f"{value:.1f}x ({best['engine']} b{best['batch']} s{best['sequence']})",
+                    "holds" if value >= claim.target else "not reached"))
     else:
-        out.append((PUBLISHED["speedup"][0], "64.4x", "no CPU baseline measured", "not measured"))
+        out.append((claim.text, claim.published, "no CPU baseline measured", "not measured"))
 
     ones = [r for r in rows if r["batch"] == 1]
     if ones:
@@ -112,48 +119,51 @@ def claims(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
             key = (r["model"], r["sequence"])
             if key not in best_per or r["median_ms"] < best_per[key]["median_ms"]:
                 best_per[key] = r
-        under = [r for r in best_per.values() if r["median_ms"] < PUBLISHED["batch1"][1]]
+        claim = PUBLISHED["batch1"]
+        under = [r for r in best_per.values() if r["median_ms"] < claim.target]
         fastest = min(ones, key=lambda r: r["median_ms"])
         slowest = max(best_per.values(), key=lambda r: r["median_ms"])
         verdict = "holds" if len(under) == len(best_per) else ("partly" if under else "does not hold")
-        out.append((PUBLISHED["batch1"][0], "< 10 ms",
+        out.append((claim.text, claim.published,
                     f"best {fastest['median_ms']:.3f} ms ({fastest['engine']} s{fastest['sequence']}); "
                     f"{len(under)} of {len(best_per)} batch-1 (model, sequence) shapes under 10 ms with their best engine; "
                     f"slowest {slowest['median_ms']:.2f} ms ({slowest['engine']} s{slowest['sequence']})", verdict))
 
-    fp32 = _by([r for r in rows if r["precision"] == "fp32"], "model", "backend", "batch", "sequence")
+    fp32_of = fp32_twins(rows)
     reductions = {"fp16": [], "hybrid": []}
     ratios = []
     for r in rows:
-        base = fp32.get((r["model"], r["backend"], r["batch"], r["sequence"]))
+        base = fp32_of(r)
         if base is None or r["precision"] not in reductions:
             continue
         if r.get("peak_device_bytes") and base.get("peak_device_bytes"):
             reductions[r["precision"]].append(1 - r["peak_device_bytes"] / base["peak_device_bytes"])
         if r["precision"] == "fp16":
             ratios.append(base["median_ms"] / r["median_ms"])
+    claim = PUBLISHED["memory"]
     if any(reductions.values()):
         parts = [f"{p}: up to {max(v):.0%}, median {statistics.median(v):.0%}" for p, v in reductions.items() if v]
         best = max(max(v) for v in reductions.values() if v)
-        out.append((PUBLISHED["memory"][0], "63%", "; ".join(parts),
-                    "holds" if best >= PUBLISHED["memory"][1] else "not reached"))
+        out.append((claim.text, claim.published, "; ".join(parts), "holds" if best >= claim.target else "not reached"))
     else:
         why = ("no FP32 configuration to compare with" if any(r.get("peak_device_bytes") for r in rows)
                else "no device memory measured (CPU run)")
-        out.append((PUBLISHED["memory"][0], "63%", why, "not measured"))
+        out.append((claim.text, claim.published, why, "not measured"))
     if ratios:
-        low, high = PUBLISHED["fp16"][1]
+        claim = PUBLISHED["fp16"]
+        low, high = claim.target
         inside = sum(1 for x in ratios if low <= x <= high)
-        out.append((PUBLISHED["fp16"][0], "1.84-2.00x",
+        out.append((claim.text, claim.published,
                     f"{min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} shapes (median "
-                    f"{statistics.median(ratios):.2f}x); {inside} inside 1.84-2.00",
+                    f"{statistics.median(ratios):.2f}x); {inside} inside {low:.2f}-{high:.2f}",
                     "holds" if inside == len(ratios) else ("partly" if inside else "outside the range")))
     hybrid = [r for r in rows if r["precision"] == "hybrid" and r.get("min_cosine") is not None]
     if hybrid:
+        claim = PUBLISHED["hybrid"]
         worst = min(hybrid, key=lambda r: r["min_cosine"])
         nonfinite = sum((r.get("nan") or 0) + (r.get("inf") or 0) for r in hybrid)
-        ok = worst["min_cosine"] >= PUBLISHED["hybrid"][1] and nonfinite == 0
-        out.append((PUBLISHED["hybrid"][0], ">= 0.9998, 0 NaN",
+        ok = worst["min_cosine"] >= claim.target and nonfinite == 0
+        out.append((claim.text, claim.published,
                     f"min {worst['min_cosine']:.7f} ({worst['engine']} b{worst['batch']} s{worst['sequence']}); "
                     f"{nonfinite} NaN/Inf over {len(hybrid)} configurations", "holds" if ok else "does not hold"))
     return out
@@ -233,14 +243,14 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
             ax.legend(fontsize=7)
         save(fig, "memory_per_precision.png")
 
-    fp32 = _by([r for r in rows if r["precision"] == "fp32"], "model", "backend", "batch", "sequence")
+    fp32_of = fp32_twins(rows)
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models):
         for precision in ("fp16", "hybrid"):
             points = sorted(
-                (r["batch"] * r["sequence"], r["median_ms"] / fp32[(r["model"], r["backend"], r["batch"], r["sequence"])]["median_ms"])
+                (r["batch"] * r["sequence"], r["median_ms"] / fp32_of(r)["median_ms"])
                 for r in rows
-                if r["model"] == model and r["precision"] == precision and (r["model"], r["backend"], r["batch"], r["sequence"]) in fp32
+                if r["model"] == model and r["precision"] == precision and fp32_of(r) is not None
             )
             if points:
                 ax.plot(*zip(*points), marker=".", ls="", label=f"{precision} / fp32")
@@ -274,9 +284,7 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
 
 
 def markdown(rows: list[dict[str, Any]], runs: list[dict[str, Any]], pictures: list[str], source: str) -> str:
-    counts = defaultdict(int)
-    for r in rows:
-        counts[r["status"]] += 1
+    counts = Counter(r["status"] for r in rows)
     last = runs[-1] if runs else {}
     env = last.get("environment", {})
     lines = [

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from perf.sweep import RESULTS_FILE, SWEEP_SCHEMA_VERSION
-from perf.sweep_report import claims, read_csv
+from perf.sweep import RESULTS_FILE, SWEEP_SCHEMA_VERSION, ResultStore
+from perf.sweep_report import claims, flatten, read_csv, to_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 SELECT = ["--models=tiny-bert", "--precisions=fp32,hybrid", "--sweep-grid=small", "--rounds=5", "--warmup=1",
@@ -97,6 +97,15 @@ def test_the_report_is_made_from_the_data(swept):
                  "fidelity_heatmap.png"):
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Not like for like" in report
+
+
+@pytest.mark.parametrize("folder", ["docs/results/sweep-h100/smoke"])
+def test_a_committed_gpu_report_is_what_its_committed_data_gives(folder):
+    folder = ROOT / folder
+    assert (folder / "sweep.csv").read_text() == to_csv([flatten(r) for r in ResultStore(folder).records()])
+    report = " ".join((folder / "report.md").read_text().split())
+    for claim, published, measured, verdict in claims(read_csv(folder / "sweep.csv")):
+        assert " ".join(f"| {claim} | {published} | {measured} | {verdict} |".split()) in report
 
 
 @pytest.mark.parametrize("args,message", [([], "--out DIR is required"), (["--models=llama"], "unknown model 'llama'")])
