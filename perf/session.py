@@ -29,7 +29,6 @@ from perf.timing import (
 )
 
 
-
 @dataclasses.dataclass
 class PerfResult:
     name: str
@@ -51,6 +50,27 @@ class PerfResult:
     engine_reported_bytes: int | None = None
     comparisons: list[Comparison] = dataclasses.field(default_factory=list)
     note: str = ""
+
+    @classmethod
+    def of(
+        cls, name: str, call: TimedEngine, shape: tuple[int, int], samples: list[float], *,
+        cpu_fp32_median_s: float | None, first_call_s: float,
+    ) -> "PerfResult":
+        """The result of ``call``'s timed ``samples`` at ``shape``, with one more call for its peak memory."""
+        runner = call.runner
+        return cls(
+            name=name,
+            engine=runner.name,
+            shape=shape,
+            median_s=median(samples),
+            p90_s=percentile(samples, 90),
+            p99_s=percentile(samples, 99),
+            peak_device_bytes=peak_device_bytes(call),
+            cpu_fp32_median_s=cpu_fp32_median_s,
+            first_call_s=first_call_s,
+            device_used_bytes=device_used_bytes(runner.device),
+            engine_reported_bytes=runner.memory().outside_allocator_bytes or None,
+        )
 
     @property
     def speedup_over_cpu(self) -> float | None:
@@ -123,20 +143,9 @@ class PerfSession:
         benchmark.pedantic(
             call, setup=call.setup, rounds=self.options.rounds, warmup_rounds=self.options.warmup, iterations=1
         )
-        samples = list(benchmark.stats.stats.data)
-        outside = runner.memory().outside_allocator_bytes
-        result = PerfResult(
-            name=benchmark.fullname,
-            engine=runner.name,
-            shape=shape,
-            median_s=median(samples),
-            p90_s=percentile(samples, 90),
-            p99_s=percentile(samples, 99),
-            peak_device_bytes=peak_device_bytes(call),
-            cpu_fp32_median_s=self.cpu_fp32_median(runner, shape),
-            first_call_s=first_call,
-            device_used_bytes=device_used_bytes(runner.device),
-            engine_reported_bytes=outside or None,
+        result = PerfResult.of(
+            benchmark.fullname, call, shape, list(benchmark.stats.stats.data),
+            cpu_fp32_median_s=self.cpu_fp32_median(runner, shape), first_call_s=first_call,
         )
         benchmark.extra_info.update(result.extra_info())
         self.results.append(result)

@@ -221,28 +221,22 @@ class Sweep:
         }
 
     def measure(self, runner, shape: tuple[int, int]) -> dict[str, Any]:
-        from perf.stats import median, percentile, relative_spread
-        from perf.timing import TimedEngine, first_call_seconds, peak_device_bytes, sample_seconds, staged_inputs
+        """The benchmarks' measurement of one engine at one shape (perf.session.PerfResult), with the sweep's extras."""
+        from perf.session import PerfResult
+        from perf.stats import relative_spread
+        from perf.timing import TimedEngine, first_call_seconds, sample_seconds, staged_inputs
 
-        batch, seq = shape
-        call = TimedEngine(runner, staged_inputs(runner, batch, seq))
+        call = TimedEngine(runner, staged_inputs(runner, *shape))
         first = first_call_seconds(call)
         samples = sample_seconds(call, warmup=self.options.warmup, rounds=self.options.rounds)
-        med = median(samples)
         cpu = self.cpu.median_seconds(runner.model.name, shape) if self.options.cpu_baseline else None
+        result = PerfResult.of(config_key(runner.name, *shape), call, shape, samples, cpu_fp32_median_s=cpu,
+                               first_call_s=first)
         return {
-            "median_ms": med * 1e3,
-            "p90_ms": percentile(samples, 90) * 1e3,
-            "p99_ms": percentile(samples, 99) * 1e3,
+            **result.extra_info(),
             "spread": relative_spread(samples),
             "rounds": len(samples),
-            "sequences_per_s": batch / med,
-            "tokens_per_s": batch * seq / med,
-            "peak_device_bytes": peak_device_bytes(call),
-            "first_call_s": first,
-            "cpu_fp32_median_ms": None if cpu is None else cpu * 1e3,
             "cpu_fp32_rounds": None if cpu is None else self.cpu.rounds,
-            "speedup_over_cpu_fp32": None if cpu is None else cpu / med,
             "fidelity": self.fidelity(runner, shape),
         }
 

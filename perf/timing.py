@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from engines.backends.base import Runner
-
 from engines.batch import TokenBatch
+from perf.stats import median
 
 INPUT_COPIES = 4
 
@@ -88,12 +88,6 @@ def sample_seconds(call: TimedEngine, *, warmup: int, rounds: int) -> list[float
     return samples
 
 
-def median_seconds(call: TimedEngine, *, warmup: int, rounds: int) -> float:
-    """A plain median for the in-run CPU baseline (not a pytest-benchmark test)."""
-    samples = sorted(sample_seconds(call, warmup=warmup, rounds=rounds))
-    return samples[len(samples) // 2]
-
-
 def peak_device_bytes(call: TimedEngine) -> int | None:
     """Peak allocator bytes of this engine during one call, weights included; None off CUDA.
 
@@ -162,7 +156,7 @@ class CpuBaseline:
                 self._runners[model] = self.factory.build(self.factory.cpu_baseline_spec(model), device="cpu")
             runner = self._runners[model]
             call = TimedEngine(runner, staged_inputs(runner, *shape, copies=2))
-            self._medians[key] = median_seconds(call, warmup=1, rounds=self.rounds)
+            self._medians[key] = median(sample_seconds(call, warmup=1, rounds=self.rounds))
         return self._medians[key]
 
     def close(self) -> None:
