@@ -124,6 +124,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(RunProgress(session), "fidelity-perf-progress")
 
 
+def _is_aggregate(item: pytest.Item) -> bool:
+    return getattr(item, "originalname", item.name) == AGGREGATE_TEST
+
+
 class RunProgress:
     """Counts the perf items a run selected and finished, and notes an interrupt, for the saved run record."""
 
@@ -132,13 +136,13 @@ class RunProgress:
 
     def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config, items: list) -> None:
         # The suite aggregate reads every other item's comparisons: it runs last.
-        last = [item for item in items if getattr(item, "originalname", item.name) == AGGREGATE_TEST]
+        last = [item for item in items if _is_aggregate(item)]
         if last:
-            items[:] = [item for item in items if getattr(item, "originalname", item.name) != AGGREGATE_TEST] + last
+            items[:] = [item for item in items if not _is_aggregate(item)] + last
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.session.selected = sum(
-            1 for item in session.items if item.get_closest_marker("perf") and getattr(item, "originalname", item.name) != AGGREGATE_TEST
+            1 for item in session.items if item.get_closest_marker("perf") and not _is_aggregate(item)
         )
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:

@@ -111,11 +111,6 @@ def import_runtime(backend: str):
     )
 
 
-def import_tensorrt():
-    """``tensorrt`` >= 10, or BackendUnavailableError carrying the install hint."""
-    return import_runtime("trt")
-
-
 def offered_targets(trt) -> list[str]:
     """The compute capabilities this runtime builds for (TensorRT for RTX: SM75, SM80, ...)."""
     capability = getattr(trt, "ComputeCapability", None)

@@ -130,6 +130,16 @@ def verify_export(model: LoadedModel, path: Path, *, forward=None) -> float:
     return cosine
 
 
+def save_graph(graph, folder: Path) -> Path:
+    """``graph`` saved as ``folder/model.onnx``, its tensors in one external-data file beside it (the cache's layout)."""
+    import onnx
+
+    path = folder / GRAPH_FILE
+    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{GRAPH_FILE}.data", size_threshold=1024)
+    return path
+
+
 def load_graph(path: Path):
     """Load an ONNX file with its external data; a corrupt file is a clear error."""
     import onnx

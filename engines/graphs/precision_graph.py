@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engines.cache import CacheEntry, EngineCache
 from engines.models import LoadedModel
-from engines.graphs.export import GRAPH_FILE, export_fp32, export_key, load_graph
+from engines.graphs.export import GRAPH_FILE, export_fp32, export_key, load_graph, save_graph
 from engines.precision.audit import PrecisionAudit
 from engines.precision.onnx_convert import CONVERTER_VERSION, audit_graph, check_graph_policy, convert_graph
 from engines.precision.policy import PrecisionPolicy
@@ -63,14 +63,7 @@ def precision_graph(model: LoadedModel, policy: PrecisionPolicy, cache: EngineCa
         fp32 = load_graph(source.file(GRAPH_FILE))
         converted, stats = convert_graph(fp32, policy)
         dtypes = check_graph_policy(converted, policy)
-        onnx.save_model(
-            converted,
-            str(folder / GRAPH_FILE),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=f"{GRAPH_FILE}.data",
-            size_threshold=1024,
-        )
+        save_graph(converted, folder)
         (folder / DTYPES_FILE).write_text(
             json.dumps({"dtypes": dtypes, "stats": dataclasses.asdict(stats), "source_digest": source_digest}, indent=2)
         )

@@ -38,12 +38,16 @@ class UserGraph:
     notes: tuple[str, ...] = ()
 
 
-def _digest(path: Path, model) -> str:
-    digest = hashlib.sha256(path.read_bytes())
-    locations = sorted({
+def _external_data_files(model) -> list[str]:
+    """The files, beside the graph, that hold its external data (sorted)."""
+    return sorted({
         entry.value for init in model.graph.initializer for entry in init.external_data if entry.key == "location"
     })
-    for location in locations:
+
+
+def _digest(path: Path, model) -> str:
+    digest = hashlib.sha256(path.read_bytes())
+    for location in _external_data_files(model):
         digest.update((path.parent / location).read_bytes())
     return digest.hexdigest()
 
@@ -89,10 +93,7 @@ def inspect_graph(name: str, path: Path) -> UserGraph:
         structure = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf and onnx errors alike mean "not an ONNX model"
         raise UserGraphError(f"--onnx {name}={path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
-    locations = sorted({
-        entry.value for init in structure.graph.initializer for entry in init.external_data if entry.key == "location"
-    })
-    missing = [loc for loc in locations if not (path.parent / loc).is_file()]
+    missing = [loc for loc in _external_data_files(structure) if not (path.parent / loc).is_file()]
     if missing:
         raise UserGraphError(
             f"--onnx {name}={path}: its external data is missing ({', '.join(missing)} next to the graph); keep the "
@@ -124,15 +125,15 @@ def inspect_graph(name: str, path: Path) -> UserGraph:
             "with these decomposed into standard ops (opset 17+: LayerNormalization, Softmax, MatMul, Gemm, ...)"
         )
     producers = _producers(model)
-    tables = _embedding_tables(model)
-    token_tables = [dims for _, dims, indices in tables if _derives_from(indices, "input_ids", producers)]
+    tables = [(dims, _derives_from(indices, "input_ids", producers)) for _, dims, indices in _embedding_tables(model)]
+    token_tables = [dims for dims, by_tokens in tables if by_tokens]
     if not token_tables:
         raise UserGraphError(
             f"--onnx {name}={path}: no embedding table is indexed by input_ids (a Gather of a 2-D initializer), so the "
             "vocabulary size cannot be told; export the graph with its embeddings"
         )
     vocab_size = token_tables[0][0]
-    others = [dims[0] for _, dims, indices in tables if not _derives_from(indices, "input_ids", producers) and dims[0] >= 64]
+    others = [dims[0] for dims, by_tokens in tables if not by_tokens and dims[0] >= 64]
     notes = []
     max_positions = max(others) if others else DEFAULT_MAX_POSITIONS
     if not others:
@@ -160,10 +161,6 @@ def copy_graph(source: Path, folder: Path) -> Path:
     """The graph at ``source`` (with its external data) saved into ``folder`` in this suite's layout."""
     import onnx
 
-    from engines.graphs.export import GRAPH_FILE
+    from engines.graphs.export import save_graph
 
-    model = onnx.load(str(source), load_external_data=True)
-    path = folder / GRAPH_FILE
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{GRAPH_FILE}.data", size_threshold=1024)
-    return path
+    return save_graph(onnx.load(str(source), load_external_data=True), folder)

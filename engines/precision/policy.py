@@ -232,6 +232,10 @@ class Override:
             return False
         if not OP_CLASSES[op_class].overridable:
             return False
+        return self.targets(module=module, node=node)
+
+    def targets(self, *, module: str | None = None, node: str | None = None) -> bool:
+        """Whether this override names ``node``, or ``module`` or a module inside it."""
         if self.node is not None:
             return node == self.node
         return module is not None and (module == self.module or module.startswith(f"{self.module}."))
@@ -321,15 +325,10 @@ class PrecisionPolicy:
     def unmatched_overrides(self, *, modules: Iterable[str] = (), nodes: Iterable[str] = ()) -> list[Override]:
         """Overrides that cover no module path in ``modules`` and no node in ``nodes``."""
         modules, nodes = list(modules), set(nodes)
-        unmatched = []
-        for o in self.overrides:
-            if o.node is not None:
-                hit = o.node in nodes
-            else:
-                hit = any(m == o.module or m.startswith(f"{o.module}.") for m in modules)
-            if not hit:
-                unmatched.append(o)
-        return unmatched
+        return [
+            o for o in self.overrides
+            if not (o.node in nodes if o.node is not None else any(o.targets(module=m) for m in modules))
+        ]
 
     def describe(self) -> dict[str, Any]:
         """What reports record about the policy: its source file and hash, classes and overrides."""

@@ -31,7 +31,7 @@ from engines.backends.trt import (  # noqa: E402 - after the import check
     _LogCollector,
     check_built_kernels,
     check_network_types,
-    import_tensorrt,
+    import_runtime,
     offered_targets,
     read_kernel_report,
     resolve_target,
@@ -190,7 +190,7 @@ def test_one_softmax_planted_in_fp16_is_the_one_problem_before_the_build(tiny_be
 
 def test_full_tensorrt_skips_only_for_its_missing_import():
     try:
-        import_tensorrt()
+        import_runtime("trt")
     except BackendUnavailableError as exc:
         assert RUNTIMES["trt"].install_hint in str(exc)
         pytest.skip(str(exc))
