@@ -103,7 +103,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     if session.factory.cache.events:
         terminalreporter.write_line(session.factory.cache.summary())
     if session.report.path is not None:
-        session.report.write()
+        session.finish()
         terminalreporter.write_line(f"fidelity report: {session.report.path}")
 
 

@@ -65,6 +65,7 @@ class FidelitySession:
         self._reference_outputs = ReferenceCache(REFERENCE_CACHE_BYTES[self.device.split(":")[0]])
         self._corpus: TextCorpus | None = None
         self._corpus_notes: list[str] = []
+        self._finished = False
         if options.wikitext_path is not None:
             # Read now: a missing, empty or unreadable file is a usage error before any engine is built.
             self._corpus, self._corpus_notes = load_corpus(options.wikitext_path)
@@ -139,6 +140,10 @@ class FidelitySession:
         return result
 
     def finish(self) -> None:
+        """The report's last notes and the cache's events, written (once: the summary and unconfigure both call it)."""
+        if self._finished:
+            return
+        self._finished = True
         self._notes()
         self.report.set_cache_events(self.factory.cache)
         self.report.write()
