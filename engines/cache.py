@@ -212,7 +212,6 @@ class EngineCache:
             )
         with self.lock(key):
             outcome, note = "built", ""
-            force = self.rebuild and key not in self._rebuilt_this_session
             if force:
                 outcome = "rebuilt-forced"
             else:
