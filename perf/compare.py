@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from engines.files import write_or_print
-from perf.baselines import read_run
 from engines.tables import render_table
+from perf.baselines import read_run
 from perf.stats import (
     DEFAULT_ALPHA,
     DEFAULT_MEMORY_THRESHOLD,

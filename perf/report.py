@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from engines.backends.base import split_engine_name
-from engines.models import get_spec
 from engines.files import write_or_print
+from engines.models import get_spec
 from engines.tables import render_table
 from perf.roofline import GPU_PEAKS, GpuPeaks, forward_cost
 

@@ -348,7 +348,10 @@ def _free_device(runner) -> None:
 
 def parse_run(argv: list[str]) -> tuple[Sweep, str]:
     """The sweep the command line asks for, and the command; a bad value is a usage error before anything runs."""
-    parser = argparse.ArgumentParser(prog="python -m perf.sweep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m perf.sweep", description=__doc__.splitlines()[0],
+        epilog="The report of a finished (or interrupted) sweep: python -m perf.sweep report DIR [-o OUT_DIR]",
+    )
     add_options(parser.add_argument, ENGINE_OPTIONS)
     add_options(parser.add_argument, SWEEP_OPTIONS)
     args = parser.parse_args(argv)
@@ -375,7 +378,7 @@ def parse_run(argv: list[str]) -> tuple[Sweep, str]:
         for dest, least in (("rounds", 5), ("warmup", 0), ("cpu_rounds", 1)):
             value = values.get(dest)
             if value is not None and value < least:
-                raise OptionError(f"--{dest.replace('_', '-')} {value} is too small")
+                raise OptionError(f"--{dest.replace('_', '-')} {value} is too small: give at least {least}")
         options = SweepOptions(
             out=out,
             grid=values.get("sweep_grid") or defaults["grid"],

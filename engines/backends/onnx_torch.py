@@ -24,7 +24,6 @@ from onnx import TensorProto
 from torch.nn import functional as F
 
 from engines.backends.base import EngineInfo, Runner
-
 from engines.batch import TokenBatch
 from engines.precision.policy import DTYPES, onnx_type, torch_dtype
 

@@ -47,12 +47,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engines.precision.audit import FUSED_ATTENTION, note_reduction
 from engines.backends.base import EngineInfo
-from engines.batch import TokenBatch
-from engines.precision.policy import FLOAT32, PrecisionPolicy
 from engines.backends.torch_cudagraph import CapturedGraphs, KeepsCapturedGraphs
 from engines.backends.torch_eager import TorchRunner
+from engines.batch import TokenBatch
+from engines.precision.audit import FUSED_ATTENTION, note_reduction
+from engines.precision.policy import FLOAT32, PrecisionPolicy
 from engines.precision.torch_apply import (
     DTYPES_ATTRIBUTE,
     PolicyLinear,

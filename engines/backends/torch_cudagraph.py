@@ -15,9 +15,8 @@ from typing import ClassVar
 import torch
 
 from engines.backends.base import BackendUnavailableError, EngineInfo
-
-from engines.batch import TokenBatch
 from engines.backends.torch_eager import TorchRunner
+from engines.batch import TokenBatch
 
 WARMUP_RUNS = 2
 

@@ -50,7 +50,7 @@ from engines.backends.base import (
 from engines.batch import InvalidInputError, TokenBatch
 from engines.files import atomic_write_bytes
 from engines.precision.audit import PrecisionAudit, PrecisionMismatchError, raise_on_mismatch, tally
-from engines.precision.policy import DTYPES, OP_CLASSES, FLOAT32
+from engines.precision.policy import DTYPES, FLOAT32, OP_CLASSES
 
 ENGINE_FILE = "engine.plan"
 BUILD_LOG_FILE = "build.log"

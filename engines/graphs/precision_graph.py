@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from engines.cache import CacheEntry, EngineCache
-from engines.models import LoadedModel
 from engines.graphs.export import GRAPH_FILE, export_fp32, export_key, load_graph, save_graph
+from engines.models import LoadedModel
 from engines.precision.audit import PrecisionAudit
 from engines.precision.onnx_convert import CONVERTER_VERSION, audit_graph, check_graph_policy, convert_graph
 from engines.precision.policy import PrecisionPolicy

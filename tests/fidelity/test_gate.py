@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, find, settings
 
-from engines.precision.policy import REFERENCE_POLICY, get_policy
 from engines.backends.torch_eager import TorchReferenceRunner, TorchRunner
+from engines.precision.policy import REFERENCE_POLICY, get_policy
 from fidelity.corpus import packed_batch, python_docs_corpus
 from fidelity.metrics import CompareContext, compare_outputs, tolerance_for
 from fidelity.strategies import token_batches

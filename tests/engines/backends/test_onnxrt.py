@@ -1,12 +1,11 @@
 import pytest
 import torch
 
-from engines.backends.base import BuildOptions
-from engines.backends.base import BackendUnavailableError
-from engines.graphs.export import check_batch
+from engines.backends.base import BackendUnavailableError, BuildOptions
 from engines.backends.onnxrt import CPU_NOTE, OnnxRuntimeRunner, providers_for
-from engines.precision.policy import REFERENCE_POLICY, get_policy
 from engines.backends.torch_eager import TorchReferenceRunner
+from engines.graphs.export import check_batch
+from engines.precision.policy import REFERENCE_POLICY, get_policy
 
 
 def test_hybrid_graph_runs_in_onnxruntime_and_matches(tiny_gpt2, engine_cache):

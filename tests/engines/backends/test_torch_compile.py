@@ -4,9 +4,6 @@ import pytest
 import torch
 
 from engines.backends.base import BuildOptions
-from engines.precision.audit import FUSED_ATTENTION, NATIVE, OpRecord, check_policy
-from engines.batch import TokenBatch
-from engines.precision.policy import POLICIES, get_policy
 from engines.backends.torch_compile import (
     TorchCompileRunner,
     bucket,
@@ -16,7 +13,10 @@ from engines.backends.torch_compile import (
     pad_unaligned_projections,
 )
 from engines.backends.torch_eager import TorchRunner
+from engines.batch import TokenBatch
 from engines.models import OutputForward
+from engines.precision.audit import FUSED_ATTENTION, NATIVE, OpRecord, check_policy
+from engines.precision.policy import POLICIES, get_policy
 from engines.precision.torch_apply import apply_policy
 
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from engines.precision.audit import PrecisionMismatchError, check_policy
 from engines.backends.base import BackendUnavailableError
-from engines.batch import InvalidInputError, TokenBatch
-from engines.precision.policy import POLICIES, REFERENCE_POLICY, get_policy
 from engines.backends.torch_eager import TorchReferenceRunner, TorchRunner, probe_batch
+from engines.batch import InvalidInputError, TokenBatch
+from engines.precision.audit import PrecisionMismatchError, check_policy
+from engines.precision.policy import POLICIES, REFERENCE_POLICY, get_policy
 from engines.precision.torch_apply import apply_policy
 
 

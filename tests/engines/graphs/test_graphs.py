@@ -7,13 +7,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.backends.base import BuildOptions
+from engines.backends.onnx_torch import OnnxTorchProgram, OnnxTorchRunner, UnsupportedGraphError
+from engines.backends.torch_eager import TorchReferenceRunner
 from engines.batch import TokenBatch
 from engines.graphs.export import ExportError, check_batch, load_graph, verify_export
 from engines.graphs.precision_graph import fp32_graph, precision_graph, verified_audit
 from engines.precision.onnx_convert import GraphPolicyError, UnsupportedOpError, check_graph_policy, convert_graph
-from engines.backends.onnx_torch import OnnxTorchProgram, OnnxTorchRunner, UnsupportedGraphError
 from engines.precision.policy import POLICIES, REFERENCE_POLICY, get_policy
-from engines.backends.torch_eager import TorchReferenceRunner
 
 
 @pytest.fixture(scope="module", params=["tiny-bert", "tiny-gpt2"])

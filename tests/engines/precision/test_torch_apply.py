@@ -4,7 +4,13 @@ import torch
 from torch.nn import functional as F
 
 from engines.precision.policy import get_policy
-from engines.precision.torch_apply import PolicyLinear, apply_policy, low_precision_sum, strict_layer_norm, strict_softmax
+from engines.precision.torch_apply import (
+    PolicyLinear,
+    apply_policy,
+    low_precision_sum,
+    strict_layer_norm,
+    strict_softmax,
+)
 
 
 def test_low_precision_sum_rounds_every_partial_sum():
