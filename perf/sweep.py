@@ -308,6 +308,10 @@ class Sweep:
             print(f"\nsweep interrupted: {measured} configurations measured in this run are kept in "
                   f"{self.store.path}; run the same command again to measure the rest", file=sys.stderr, flush=True)
             return 130
+        except BaseException as exc:  # a crash is recorded as one, then raised
+            status = "failed"
+            run_record["error"] = (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0][:500]
+            raise
         finally:
             run_record.update(status=status, measured=measured, seconds=round(time.perf_counter() - started, 1))
             self.store.log_run(run_record)

@@ -68,7 +68,14 @@ class CapturedGraphs:
         return captured.run(batch)
 
     def clear(self) -> None:
+        """Drop every captured graph, and with them the pool: the next capture starts a new one.
+
+        A pool whose graphs are all gone is freed by the allocator; capturing into
+        its old handle again fails an internal assert (``use_count > 0``, torch 2.11
+        on the H100, seen when the sweep released one shape's graphs before the next).
+        """
         self._graphs.clear()
+        self._pool = torch.cuda.graph_pool_handle()
 
 
 class KeepsCapturedGraphs:

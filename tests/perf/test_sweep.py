@@ -129,3 +129,19 @@ def test_a_results_file_of_another_schema_is_refused_at_start_up(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"holds schema {SWEEP_SCHEMA_VERSION + 1} lines" in proc.stderr and "use another --out" in proc.stderr
     assert "sweep:" not in proc.stdout
+
+
+def test_a_crash_is_recorded_as_failed_with_its_error_not_as_complete(tmp_path, monkeypatch):
+    from perf.sweep import parse_run
+
+    sweep_run, command = parse_run([f"--out={tmp_path}", f"--engine-cache={tmp_path / 'cache'}", "--models=tiny-bert",
+                                    "--precisions=fp32", "--sweep-grid=small", "--no-cpu-baseline", "--no-fidelity"])
+
+    def crash(runner, shape):
+        raise RuntimeError("an engine bug\nsecond line")
+
+    monkeypatch.setattr(sweep_run, "measure", crash)
+    with pytest.raises(RuntimeError, match="an engine bug"):
+        sweep_run.run(command=command)
+    run = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])
+    assert run["status"] == "failed" and run["error"] == "RuntimeError: an engine bug" and run["measured"] == 0

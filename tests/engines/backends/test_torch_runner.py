@@ -128,3 +128,31 @@ def test_the_reference_runs_deterministic_kernels_and_restores_the_session_setti
     assert seen == [True]  # the reference's own call: deterministic
     assert not torch.are_deterministic_algorithms_enabled()  # the engines under test: production again
     assert reference.info().mode.endswith("deterministic kernels")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch-cudagraph", "torch-compile"])
+def test_released_graphs_are_captured_again_for_the_next_shape(tiny_bert, tmp_path, backend):
+    """The sweep drops an engine's captured graphs before each shape; the next capture must work and be right
+    (it failed an allocator assert on the H100 when the freed pool's handle was reused)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from engines.backends.base import BuildOptions
+    from engines.backends.registry import get_backend
+    from engines.backends.torch_eager import TorchReferenceRunner
+    from engines.cache import EngineCache
+    from engines.precision.policy import REFERENCE_POLICY, get_policy
+
+    runner = get_backend(backend).load()(tiny_bert, get_policy("fp32"), "cuda", BuildOptions(cache=EngineCache(tmp_path)))
+    reference = TorchReferenceRunner(tiny_bert, REFERENCE_POLICY, "cuda").build()
+    try:
+        runner.build()
+        for shape in ((1, 32), (2, 32), (2, 64)):
+            runner.release_shapes()
+            ids = torch.randint(5, tiny_bert.vocab_size, shape)
+            batch = TokenBatch(ids, torch.ones_like(ids), "random")
+            out, ref = runner.infer(batch), reference.infer(batch)
+            assert torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min() > 0.9999, shape
+    finally:
+        runner.close()
+        reference.close()
