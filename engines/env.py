@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,50 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The label of the stack under test (a container tag, "trt-10.13 + driver 580", ...): set by the nightly job,
+# recorded by every report, shown in the upgrade gate's stack diff.
+STACK_ENV = "FIDELITY_STACK"
+# Inference runtimes whose versions every report records (import name -> version), beside torch.
+RUNTIME_MODULES = ("onnxruntime", "tensorrt", "tensorrt_rtx")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def machine_id(device: str) -> str:
+    """Where baselines of this machine live: ``sm90-NVIDIA_H100_80GB_HBM3``, or ``cpu-x86_64-<CPU model>``."""
+    if device.startswith("cuda"):
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return f"sm{props.major}{props.minor}-{_slug(props.name)}"
+    return f"cpu-{platform.machine()}-{_slug(cpu_model())}"
+
+
+def runtime_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in RUNTIME_MODULES:
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return versions
+
+
+def suite_commit() -> str | None:
+    """The suite's git commit (with ``+dirty`` when the checkout has changes), or None outside a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=root,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=root, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + "+dirty" if dirty else head) or None
+
+
 def _nvidia_smi(query: str) -> str | None:
     try:
         out = subprocess.run(
@@ -106,4 +151,8 @@ def environment_info(device: str) -> dict[str, Any]:
         info["compute_capability"] = f"{props.major}.{props.minor}"
         info["gpu_memory_bytes"] = int(props.total_memory)
         info["driver"] = _nvidia_smi("driver_version")
+    info["machine_id"] = machine_id(device)
+    info["runtimes"] = runtime_versions()
+    info["commit"] = suite_commit()
+    info["stack"] = os.environ.get(STACK_ENV) or None
     return info

@@ -22,6 +22,7 @@ from engines.env import environment_info
 from engines.models import LoadedModel, ModelLoader
 from engines.numerics import configure_process, record
 from engines.options import EngineSelection
+from engines.perturb import perturbed
 from engines.precision.policy import REFERENCE_POLICY, PrecisionPolicy, get_policy
 
 
@@ -96,6 +97,9 @@ class EngineFactory:
                     "run on a GPU machine with --device cuda"
                 )
             model = self.model(spec.model)
+            for perturbation in self.selection.perturbations:  # an injected fault: this engine's weights only
+                if perturbation.matches(spec.id):
+                    model = perturbed(model, perturbation)
             if model.spec.is_onnx_graph and not backend.runs_onnx_graphs:
                 raise BackendUnavailableError(
                     f"{spec.model} is an ONNX graph (--onnx): {spec.backend} cannot run it; the ONNX backends can: "

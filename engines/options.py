@@ -23,6 +23,7 @@ from engines.backends.registry import BACKENDS, DEFAULT_BACKENDS, default_backen
 from engines.env import DEVICE_CHOICES, resolve_device
 from engines.models import MODEL_SPECS, WEIGHTS_MODES, get_spec, validate_model_dir
 from engines.numerics import DEFAULT_NUMERICS, NUMERICS, Numerics, get_numerics
+from engines.perturb import PerturbationError, WeightPerturbation, parse_perturbation
 from engines.precision.policy import FILE_PREFIX, POLICIES, PolicyError, PrecisionPolicy, get_policy
 
 DEFAULT_MODELS = ("tiny-bert", "tiny-gpt2", "minilm")
@@ -201,6 +202,14 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
         default=DEFAULT_NUMERICS,
         choices=tuple(NUMERICS),
     ),
+    Option(
+        "--perturb-weight",
+        "test of the gates: the engines matching PATTERN (model/backend/precision, fnmatch) get a copy of the "
+        "weights with PARAMETER multiplied by FACTOR; the reference keeps the real ones; such a run is never a "
+        "baseline (repeatable)",
+        kind="append",
+        metavar="PATTERN=PARAMETER:FACTOR",
+    ),
 )
 
 
@@ -281,6 +290,7 @@ class EngineSelection:
     numerics: Numerics
     trt_target: str = "auto"
     onnx_graphs: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> UserGraph
+    perturbations: tuple[WeightPerturbation, ...] = ()  # injected weight faults (engines.perturb)
 
     @property
     def precisions(self) -> list[str]:
@@ -334,8 +344,9 @@ class EngineSelection:
                 numerics=get_numerics(given("numerics")),
                 trt_target=check_trt_target(given("trt_target")),
                 onnx_graphs=onnx_graphs,
+                perturbations=tuple(parse_perturbation(item) for item in values.get("perturb_weight") or []),
             )
-        except PolicyError as exc:
+        except (PolicyError, PerturbationError) as exc:
             raise OptionError(str(exc)) from None
 
     def record(self) -> dict[str, Any]:
@@ -351,4 +362,5 @@ class EngineSelection:
             "trt_target": self.trt_target,
             "onnx_graphs": {name: {"path": str(g.path), "sha256": g.sha256} for name, g in self.onnx_graphs.items()},
             "numerics": self.numerics.name,
+            "perturbations": [p.record() for p in self.perturbations],
         }

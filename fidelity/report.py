@@ -27,8 +27,10 @@ from fidelity.metrics import FidelityResult
 #   3: "interrupted"; rows carry "partial"; each "engines" entry carries its policy
 #      (file and sha256 for policy files) and its audit (the "audits" section is gone);
 #      "environment.numerics" (the numerics the engines ran under); "options.numerics".
-REPORT_SCHEMA_VERSION = 3
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+#   4: "environment" carries the stack: machine_id (the baselines' folder), runtimes (onnxruntime, tensorrt,
+#      tensorrt_rtx versions), commit (the suite's), stack ($FIDELITY_STACK); "options.perturbations".
+REPORT_SCHEMA_VERSION = 4
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
 WRITE_INTERVAL_S = 2.0
 
 

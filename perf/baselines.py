@@ -17,13 +17,11 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import platform
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from engines.env import cpu_model
+from engines.env import machine_id, runtime_versions
 
 BASELINES_ENV = "FIDELITY_BASELINES"
 # Version history of the "fidelity_suite" block inside pytest-benchmark's machine_info:
@@ -53,19 +51,6 @@ class BaselineMismatchError(RuntimeError):
     """A baseline recorded on another architecture or engine major version."""
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
-
-
-def machine_id(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        props = torch.cuda.get_device_properties(torch.device(device))
-        return f"sm{props.major}{props.minor}-{_slug(props.name)}"
-    return f"cpu-{platform.machine()}-{_slug(cpu_model())}"
-
-
 def default_storage(rootdir: Path) -> Path:
     """The baselines folder: $FIDELITY_BASELINES, else ``baselines/`` under pytest's rootdir."""
     configured = os.environ.get(BASELINES_ENV)
@@ -91,19 +76,21 @@ def machine_facts(device: str, env: dict[str, Any], numerics: dict[str, Any]) ->
         "transformers": env.get("transformers"),
         "cpu": env.get("cpu"),
     }
-    for name in ("onnxruntime", "tensorrt", "tensorrt_rtx"):
-        try:
-            facts[name] = __import__(name).__version__
-        except ImportError:
-            facts[name] = None
+    facts.update(env.get("runtimes") or runtime_versions())
+    facts.update(commit=env.get("commit"), stack=env.get("stack"))
     return facts
+
+
+# The upgrade gate's fidelity baselines live beside pytest-benchmark's runs, in this subfolder (gate/store.py).
+FIDELITY_FOLDER = "fidelity"
 
 
 def baseline_files(folder: Path) -> list[Path]:
     """Stored runs under ``folder``, oldest first (pytest-benchmark's 0001_, 0002_... counter decides)."""
     if not folder.is_dir():
         return []
-    return sorted(folder.rglob("*.json"), key=lambda p: (p.name.split("_", 1)[0], p.stat().st_mtime))
+    runs = [p for p in folder.rglob("*.json") if p.parent.name != FIDELITY_FOLDER]
+    return sorted(runs, key=lambda p: (p.name.split("_", 1)[0], p.stat().st_mtime))
 
 
 class BaselineSelectionError(ValueError):
@@ -227,6 +214,12 @@ class Baseline:
             raise BaselineMismatchError(
                 f"{path} was saved with an injected slowdown (--perf-slow-engine {self.options['slowdowns']}): a "
                 "test of the gate, not a baseline; it is not compared"
+            )
+        perturbations = (self.options.get("engines") or {}).get("perturbations")
+        if perturbations:
+            raise BaselineMismatchError(
+                f"{path} was saved with injected weight faults (--perturb-weight {', '.join(perturbations)}): a test "
+                "of the gates, not a baseline; it is not compared"
             )
         self.benchmarks = {b["fullname"]: b for b in data.get("benchmarks", [])}
 

@@ -26,13 +26,12 @@ import itertools
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from engines.env import cpu_model, resolve_device
+from engines.env import cpu_model, resolve_device, suite_commit
 from engines.options import (
     ENGINE_OPTIONS,
     EngineSelection,
@@ -161,15 +160,6 @@ def host_facts() -> dict[str, Any]:
             "machine": platform.machine()}
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parents[1], check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 class Sweep:
     def __init__(self, selection, options: SweepOptions) -> None:
         from engines.factory import EngineFactory
@@ -256,7 +246,7 @@ class Sweep:
             "schema": SWEEP_SCHEMA_VERSION,
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command,
-            "commit": git_commit(),
+            "commit": suite_commit(),
             "environment": self.factory.environment(),
             "numerics": self.factory.numerics_record(),
             "host": host_facts(),

@@ -27,3 +27,9 @@ def test_the_gate_imports_nothing_from_fidelity():
 def test_engines_import_neither_fidelity_nor_perf():
     for path in (ROOT / "engines").rglob("*.py"):
         assert not imported_packages(path) & {"fidelity", "perf"}, path
+
+
+def test_nothing_imports_the_upgrade_gate():
+    for package in ("engines", "fidelity", "perf"):
+        for path in (ROOT / package).rglob("*.py"):
+            assert "gate" not in imported_packages(path), path

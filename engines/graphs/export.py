@@ -18,6 +18,7 @@ import torch
 
 from engines.batch import TokenBatch
 from engines.models import LoadedModel
+from engines.perturb import PERTURBED_MARK
 
 ONNX_OPSET = 18
 GRAPH_FILE = "model.onnx"
@@ -35,7 +36,14 @@ class ExportError(RuntimeError):
 
 def _weights_identity(model: LoadedModel) -> dict:
     """What makes these weights these weights, cheaply: files by size and mtime, or the init seed."""
-    source = model.weights_source
+    source, _, perturbed = model.weights_source.partition(PERTURBED_MARK)
+    identity = _source_identity(model, source)
+    if perturbed:  # an injected fault (engines.perturb): other weights, another key
+        identity["perturbed"] = perturbed
+    return identity
+
+
+def _source_identity(model: LoadedModel, source: str) -> dict:
     kind, _, where = source.partition(":")
     if kind in ("local", "package"):
         folder = Path(where) if kind == "local" else None
