@@ -55,6 +55,12 @@ def pytest_configure(config: pytest.Config) -> None:
     except (*usage_errors(), CorpusError) as exc:
         raise pytest.UsageError(str(exc)) from None
     _register_hypothesis_profiles(config, options.profile.name)
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    if worker is not None:  # a pytest-xdist worker: its rows go to its own shard, the controller merges them
+        session.report.path = session.report.shard_path(worker)
+    else:
+        for stale in session.report.shards():  # a previous run's leftovers are not this run's rows
+            stale.unlink(missing_ok=True)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(InterruptWatch(session), "fidelity-interrupt-watch")
 
@@ -96,7 +102,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
-    if session is None or not (session.report.rows or session.report.skipped):
+    if session is not None:
+        session.report.absorb_shards()  # pytest-xdist: what the workers measured
+    if session is None or not (session.report.all_rows() or session.report.skipped):
         return
     terminalreporter.write_sep("=", "fidelity summary")
     terminalreporter.write_line(session.report.table())
@@ -110,4 +118,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
     if session is not None:
+        merged = session.report.absorb_shards()
         session.finish()
+        if merged:  # pytest-xdist: the workers' last snapshots, written into the report, then dropped
+            session.report.write()
+            session.report.absorb_shards(remove=True)

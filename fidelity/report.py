@@ -110,6 +110,31 @@ class ResultRow:
             return "PASS" if self.meets_bar else "FAIL"
         return "measured" if self.meets_bar else "measured (below bar)"
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ResultRow":
+        """A row read back from a report (or a worker's shard): the inverse of :meth:`as_dict`."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        row = cls(**{k: v for k, v in data.items() if k in fields and k != "cosine_sum"})
+        row.min_cosine = math.inf if data.get("min_cosine") is None else float(data["min_cosine"])
+        mean = data.get("mean_cosine")
+        row.cosine_sum = 0.0 if mean is None else float(mean) * row.finite_samples
+        for name in ("max_abs_err", "p99_abs_err", "max_rel_err"):
+            setattr(row, name, _as_float(data.get(name)))
+        return row
+
+    def merge(self, other: "ResultRow") -> None:
+        """Fold in the same engine and input's results measured elsewhere (another pytest-xdist worker)."""
+        for name in ("batches", "samples", "samples_below_bar", "nonfinite_samples", "nan_count", "inf_count",
+                     "padded_nonfinite", "reference_failures", "finite_samples"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.cosine_sum += other.cosine_sum
+        self.min_cosine = min(self.min_cosine, other.min_cosine)
+        for name in ("max_abs_err", "p99_abs_err", "max_rel_err"):
+            setattr(self, name, max(getattr(self, name), getattr(other, name)))
+        self.shapes += [s for s in other.shapes if s not in self.shapes][: max(0, 64 - len(self.shapes))]
+        self.worst_failure = self.worst_failure or other.worst_failure
+        self.partial = self.partial or other.partial
+
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("cosine_sum")
@@ -162,6 +187,64 @@ class FidelityReport:
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self._last_write = 0.0
         self._open: set[tuple[str, ...]] = set()  # rows the test in progress has added to
+        self._shard_data: dict[str, dict[str, Any]] = {}  # pytest-xdist: each worker's latest shard
+
+    # -- pytest-xdist: each worker writes a shard, the controller merges them -----------------------
+    def shard_path(self, worker: str) -> Path | None:
+        return None if self.path is None else self.path.with_name(f"{self.path.name}.{worker}.part")
+
+    def shards(self) -> list[Path]:
+        return [] if self.path is None else sorted(self.path.parent.glob(f"{self.path.name}.*.part"))
+
+    def absorb_shards(self, *, remove: bool = False) -> int:
+        """Read every worker's shard (its latest snapshot) into this report; ``remove`` them once final.
+
+        A worker rewrites its shard as results arrive (throttled, atomically), so an
+        interrupted run still merges what each worker measured, and a worker's
+        interruption marks the whole report.  Snapshots replace each other: reading
+        twice never counts a row twice.
+        """
+        paths = self.shards()
+        for path in paths:
+            try:
+                self._shard_data[path.name] = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # being replaced this instant: the previous snapshot stands
+        for data in self._shard_data.values():
+            self.engines.update(data.get("engines") or {})
+            self.skipped.update(data.get("skipped") or {})
+            for note in data.get("notes") or []:
+                self.add_note(note)
+            self.interrupted = self.interrupted or bool(data.get("interrupted"))
+        if remove:
+            for path in paths:
+                path.unlink(missing_ok=True)
+        return len(self._shard_data)
+
+    def all_rows(self) -> list[ResultRow]:
+        """This process's rows merged with the workers' (one row per engine, device and input source)."""
+        if not self._shard_data:
+            return list(self.rows.values())
+        merged = {key: ResultRow.from_dict(row.as_dict()) for key, row in self.rows.items()}
+        for data in self._shard_data.values():
+            for row_data in data.get("rows", []):
+                row = ResultRow.from_dict(row_data)
+                key = (row.model, row.backend, row.precision, row.device, row.input_source)
+                if key in merged:
+                    merged[key].merge(row)
+                else:
+                    merged[key] = row
+        return list(merged.values())
+
+    def _cache_record(self) -> dict[str, Any]:
+        """The engine cache's events: this process's and each worker's."""
+        record = dict(self.cache)
+        workers = {name: data.get("engine_cache") or {} for name, data in self._shard_data.items()}
+        if workers:
+            record["events"] = list(record.get("events", [])) + [e for c in workers.values() for e in c.get("events", [])]
+            record["workers"] = {name: c.get("summary") for name, c in workers.items()}
+            record.setdefault("root", next((c.get("root") for c in workers.values() if c.get("root")), None))
+        return record
 
     def add_note(self, note: str) -> None:
         if note not in self.notes:
@@ -221,10 +304,10 @@ class FidelityReport:
             "environment": self.environment,
             "options": self.options,
             "notes": self.notes,
-            "rows": [row.as_dict() for row in self.rows.values()],
+            "rows": [row.as_dict() for row in self.all_rows()],
             "skipped": self.skipped,
             "engines": self.engines,
-            "engine_cache": self.cache,
+            "engine_cache": self._cache_record(),
         }
 
     def write(self, *, throttle: bool = False) -> None:
@@ -237,14 +320,15 @@ class FidelityReport:
         atomic_write_json(self.path, _json_safe(self.as_dict()), allow_nan=False, default=str)
 
     def table(self) -> str:
-        if not self.rows:
+        rows = self.all_rows()
+        if not rows:
             return "no fidelity results recorded"
         headers = (
             "model", "backend", "precision", "device", "input", "weights", "n",
             "min cos", "mean cos", "max|err|", "NaN/Inf", "verdict",
         )
         lines = []
-        for row in self.rows.values():
+        for row in rows:
             min_cos = "-" if math.isinf(row.min_cosine) else f"{row.min_cosine:.7f}"
             mean_cos = "-" if math.isnan(row.mean_cosine) else f"{row.mean_cosine:.7f}"
             weights = "random-init" if row.weights.startswith("random-init") else _short(row.weights.split("/")[-1], 22)
@@ -258,7 +342,7 @@ class FidelityReport:
                 )
             )
         out = [render_table(headers, lines)]
-        tokenizers = sorted({f"{r.model}: {r.tokenizer}" for r in self.rows.values()})
+        tokenizers = sorted({f"{r.model}: {r.tokenizer}" for r in rows})
         out.append("")
         out.append("tokenizers: " + "; ".join(tokenizers))
         out.extend(f"note: {n}" for n in self.notes)

@@ -152,7 +152,7 @@ def test_fidelity_session_writes_a_report_covering_every_combination(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "fidelity summary" in proc.stdout
     data = json.loads(report.read_text())
-    assert data["schema_version"] == 3 and data["options"]["profile"] == "ci" and data["interrupted"] is False
+    assert data["schema_version"] == 4 and data["environment"]["machine_id"].startswith("cpu-") and data["options"]["profile"] == "ci" and data["interrupted"] is False
     assert data["environment"]["numerics"]["name"] == "production" and data["options"]["numerics"] == "production"
     combos = {(r["model"], r["backend"], r["precision"], r["input_kind"]) for r in data["rows"]}
     for model in ("tiny-bert", "tiny-gpt2"):
