@@ -190,5 +190,16 @@ class ResultSet:
             faults += [f"--perturb-weight {p}" for p in (options.get("engines") or {}).get("perturbations") or []]
         return faults
 
+    def require_complete(self, action: str) -> None:
+        reasons = self.incomplete()
+        if reasons:
+            raise ResultSetError(f"{action}: {self.label} is not a complete run: " + "; ".join(reasons) + "; rerun it")
+
+    def require_no_faults(self, action: str) -> None:
+        faults = self.injected_faults()
+        if faults:
+            raise ResultSetError(f"{action}: {self.label} was run with injected faults ({', '.join(faults)}): a test "
+                                 "of the gate is never a baseline")
+
     def files(self) -> list[Path]:
         return [p for p in (self.fidelity_path, self.perf_path) if p is not None]

@@ -67,13 +67,8 @@ def save(results: ResultSet, root: Path, name: str) -> list[Path]:
     """Store ``results`` as the newest baseline of its machine; refused when incomplete or fault-injected."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ResultSetError(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
-    reasons = results.incomplete()
-    if reasons:
-        raise ResultSetError("not saved: " + "; ".join(reasons) + "; a baseline must be a complete run")
-    faults = results.injected_faults()
-    if faults:
-        raise ResultSetError(f"not saved: the run has injected faults ({', '.join(faults)}); a test of the gate is "
-                             "never a baseline")
+    results.require_complete("not saved")
+    results.require_no_faults("not saved")
     folder = machine_folder(root, results.machine_id)
     counter = f"{next_counter(folder):04d}_{name}.json"
     written = []

@@ -205,13 +205,8 @@ def compare(baseline: ResultSet, candidate: ResultSet, thresholds: Thresholds = 
             f"the candidate ran on {candidate.machine_id}, the baseline on {baseline.machine_id}: another "
             "architecture is not compared; use a baseline of this machine id (fidelity-gate save on it)"
         )
-    reasons = candidate.incomplete()
-    if reasons:
-        raise ResultSetError("the candidate is not a complete run: " + "; ".join(reasons) + "; rerun it")
-    faults = baseline.injected_faults()
-    if faults:
-        raise ResultSetError(f"the baseline was run with injected faults ({', '.join(faults)}): a test of the gate, "
-                             "not a baseline")
+    candidate.require_complete("not compared")
+    baseline.require_no_faults("not compared")
     for part in ("fidelity", "perf"):
         if getattr(candidate, part) is not None and getattr(baseline, part) is None:
             raise ResultSetError(f"the candidate has {part} results but the baseline has none: save a baseline "
