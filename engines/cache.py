@@ -106,9 +106,12 @@ class CacheEntry:
 
 
 class EngineCache:
-    def __init__(self, root: Path | None = None, *, rebuild: bool = False) -> None:
+    def __init__(self, root: Path | None = None, *, rebuild: bool = False, session_start: float | None = None) -> None:
         self.root = Path(root) if root is not None else default_cache_root()
         self.rebuild = rebuild
+        # --rebuild-engines means entries older than this session: another process of the session (a
+        # pytest-xdist worker, given the controller's start) may have rebuilt one already.
+        self.session_start = time.time() if session_start is None else session_start
         self.events: list[CacheEvent] = []
         self._rebuilt_this_session: set[str] = set()
 
@@ -197,7 +200,7 @@ class EngineCache:
         key = cache_key(fields)
         kind = str(fields.get("artifact", "entry"))
         started = time.perf_counter()
-        force = self.rebuild and key not in self._rebuilt_this_session
+        force = self.rebuild and key not in self._rebuilt_this_session and not self._built_this_session(key)
         if not force:
             # A whole entry needs no lock: entries appear only by an atomic rename.
             entry, _ = self._lookup(key, fields)
@@ -212,6 +215,8 @@ class EngineCache:
             )
         with self.lock(key):
             outcome, note = "built", ""
+            if force and self._built_this_session(key):  # another worker rebuilt it while this one waited
+                force = False
             if force:
                 outcome = "rebuilt-forced"
             else:
@@ -226,6 +231,12 @@ class EngineCache:
             self._rebuilt_this_session.add(key)
             self.events.append(CacheEvent(key, kind, outcome, time.perf_counter() - started, note))
             return entry
+
+    def _built_this_session(self, key: str) -> bool:
+        try:
+            return self.entry_path(key).stat().st_mtime >= self.session_start
+        except OSError:
+            return False
 
     def _build(self, key: str, fields: dict[str, Any], build: Callable[[Path], Any], description: str) -> CacheEntry:
         (self.root / "entries").mkdir(parents=True, exist_ok=True)

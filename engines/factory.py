@@ -41,13 +41,13 @@ class EngineSpec:
 
 
 class EngineFactory:
-    def __init__(self, selection: EngineSelection) -> None:
+    def __init__(self, selection: EngineSelection, *, session_start: float | None = None) -> None:
         self.selection = selection
         self.device = selection.device
         self.loader = ModelLoader(
             model_paths=selection.model_paths, weights_mode=selection.weights_mode, onnx_graphs=selection.onnx_graphs
         )
-        self.cache = EngineCache(selection.engine_cache, rebuild=selection.rebuild_engines)
+        self.cache = EngineCache(selection.engine_cache, rebuild=selection.rebuild_engines, session_start=session_start)
         self.options = BuildOptions(cache=self.cache, compile_mode=selection.compile_mode, trt_target=selection.trt_target)
         self.built: dict[str, dict[str, Any]] = {}  # engine id -> info, audit, build seconds
         self.skipped: dict[str, str] = {}  # engine id -> reason

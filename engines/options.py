@@ -156,6 +156,12 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     ),
     Option("--device", f"{'|'.join(DEVICE_CHOICES)} or cuda:N", default="auto"),
     Option(
+        "--gpus",
+        "GPU indices for pytest-xdist workers (-n auto: one worker per GPU, each pinned to its own)",
+        metavar="0,1,...",
+        default_text="every visible GPU",
+    ),
+    Option(
         "--model-path",
         "load model NAME from a local directory with safetensors weights (repeatable)",
         kind="append",
@@ -246,6 +252,21 @@ def parse_onnx_graphs(items: list[str]) -> dict[str, Any]:
     return graphs
 
 
+def _gpus(value: str | None, device: str) -> list[int]:
+    from engines.workers import parse_gpus
+
+    if not device.startswith("cuda"):
+        if value:
+            raise OptionError(f"--gpus {value} needs --device cuda (the device is {device})")
+        return []
+    import torch
+
+    try:
+        return parse_gpus(value, torch.cuda.device_count())
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
+
+
 def check_trt_target(value: str) -> str:
     """``auto`` or a compute capability written as TensorRT names it (``SM80``); the runtime checks it offers it."""
     import re
@@ -291,6 +312,7 @@ class EngineSelection:
     trt_target: str = "auto"
     onnx_graphs: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> UserGraph
     perturbations: tuple[WeightPerturbation, ...] = ()  # injected weight faults (engines.perturb)
+    gpus: tuple[int, ...] = ()  # the GPUs pytest-xdist workers are pinned to (engines.workers)
 
     @property
     def precisions(self) -> list[str]:
@@ -345,6 +367,7 @@ class EngineSelection:
                 trt_target=check_trt_target(given("trt_target")),
                 onnx_graphs=onnx_graphs,
                 perturbations=tuple(parse_perturbation(item) for item in values.get("perturb_weight") or []),
+                gpus=tuple(_gpus(values.get("gpus"), device)),
             )
         except (PolicyError, PerturbationError) as exc:
             raise OptionError(str(exc)) from None

@@ -10,6 +10,7 @@ skip with its reason (and install hint).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -18,6 +19,7 @@ from engines.backends.base import BackendUnavailableError, Runner
 from engines.backends.registry import get_backend
 from engines.factory import EngineFactory, EngineSpec
 from engines.options import ENGINE_OPTIONS, EngineSelection, add_options, collect, usage_errors
+from engines.workers import SESSION_START_KEY, engine_scheduler, pinned_device, session_start, worker_id
 
 SELECTION_KEY = pytest.StashKey[EngineSelection]()
 FACTORY_KEY = pytest.StashKey[EngineFactory]()
@@ -42,6 +44,9 @@ def selection_of(config: pytest.Config) -> EngineSelection:
             selection = EngineSelection.from_values(collect(config.getoption, ENGINE_OPTIONS))
         except usage_errors() as exc:
             raise pytest.UsageError(str(exc)) from None
+        device = pinned_device(selection.device, worker_id(config), list(selection.gpus))
+        if device != selection.device:  # a pytest-xdist worker on its own GPU
+            selection = dataclasses.replace(selection, device=device)
         config.stash[SELECTION_KEY] = selection
     return selection
 
@@ -50,7 +55,7 @@ def factory_of(config: pytest.Config) -> EngineFactory:
     """The session's engine factory, created on first use (it sets the session's numerics)."""
     factory = config.stash.get(FACTORY_KEY, None)
     if factory is None:
-        factory = config.stash[FACTORY_KEY] = EngineFactory(selection_of(config))
+        factory = config.stash[FACTORY_KEY] = EngineFactory(selection_of(config), session_start=session_start(config))
         factory.apply_numerics()  # the session's numerics, before any engine exists
     return factory
 
@@ -60,6 +65,28 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, description in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
     selection_of(config)  # validate now: errors at start-up, not in the first test
+    session_start(config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``-n`` (xdist's load distribution): the tests of one engine go to one worker (engines.workers)."""
+    if getattr(config.option, "dist", "no") == "load":
+        return engine_scheduler(config, log)
+    return None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` on a GPU host: one worker per GPU (of --gpus); elsewhere xdist's own count."""
+    selection = selection_of(config)
+    return len(selection.gpus) if selection.device == "cuda" and selection.gpus else None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """The controller's session start goes to every worker (--rebuild-engines: once per session)."""
+    node.workerinput[SESSION_START_KEY] = session_start(node.config)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -166,6 +166,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def perf_session(request: pytest.FixtureRequest) -> PerfSession:
+    from engines.workers import worker_id
+
+    if worker_id(request.config) is not None:
+        # Workers would time engines side by side on one CPU (or GPU), and each would gate its own suite
+        # aggregate: not measured until one worker per GPU and a merged aggregate exist.
+        pytest.skip("the benchmarks do not run under pytest-xdist yet: run `pytest -m perf` without -n")
     return request.config.stash[PERF_KEY]
 
 

@@ -1,0 +1,73 @@
+"""pytest-xdist workers: pinned to their GPU, one engine per worker, --rebuild-engines once per session."""
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engines.options import EngineSelection, OptionError
+from engines.workers import engine_scope, parse_gpus, pinned_device
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("device,worker,gpus,expected", [
+    ("cuda", "gw0", [0, 1], "cuda:0"),
+    ("cuda", "gw3", [0, 1], "cuda:1"),
+    ("cuda", "gw1", [2, 5], "cuda:5"),
+    ("cuda:1", "gw0", [0, 1], "cuda:1"),  # one GPU named: every worker there
+    ("cuda", None, [0, 1], "cuda"),  # the controller, or no xdist
+    ("cpu", "gw1", [], "cpu"),
+])
+def test_each_worker_gets_its_own_gpu(device, worker, gpus, expected):
+    assert pinned_device(device, worker, gpus) == expected
+
+
+@pytest.mark.parametrize("nodeid,scope", [
+    ("fidelity/test_fidelity.py::test_natural_text[tiny-bert/onnxrt/fp16]", "tiny-bert/onnxrt/fp16"),
+    ("perf/test_latency.py::test_latency[b32s512-bert-base/torch-cudagraph/hybrid]", "bert-base/torch-cudagraph/hybrid"),
+    ("perf/test_latency.py::test_suite_aggregate", "perf/test_latency.py::test_suite_aggregate"),
+    ("tests/x.py::test_y[a-b]", "tests/x.py::test_y[a-b]"),
+])
+def test_the_unit_of_work_is_the_engine(nodeid, scope):
+    assert engine_scope(nodeid) == scope
+
+
+def test_gpu_lists_are_checked_against_what_is_visible():
+    assert parse_gpus(None, 2) == [0, 1] and parse_gpus("1", 2) == [1]
+    for bad in ("2", "0,0", "a", ","):
+        with pytest.raises(ValueError, match="--gpus"):
+            parse_gpus(bad, 2)
+
+
+def test_gpus_without_cuda_is_a_usage_error():
+    with pytest.raises(OptionError, match="--gpus 0 needs --device cuda"):
+        EngineSelection.from_values({"models": "tiny-bert", "device": "cpu", "gpus": "0"})
+
+
+def test_two_workers_build_each_engine_once_and_rebuild_each_entry_once(tmp_path):
+    cache, report = tmp_path / "cache", tmp_path / "r.json"
+    select = ["-m", "fidelity", "fidelity", "--models=tiny-bert", "--backends=onnxrt", "--precisions=fp32,hybrid,fp16",
+              "--input-profile=ci", f"--engine-cache={cache}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    first = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *select], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "-v", *select,
+                           "--rebuild-engines", f"--fidelity-report={report}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    workers = collections.defaultdict(set)
+    for worker, engine in re.findall(r"\[(gw\d)\] \[\s*\d+%\] PASSED \S+\[(tiny-bert/onnxrt/\w+)\]", proc.stdout):
+        workers[engine].add(worker)
+    assert set(workers) == {"tiny-bert/onnxrt/fp32", "tiny-bert/onnxrt/hybrid", "tiny-bert/onnxrt/fp16"}, proc.stdout[-3000:]
+    assert all(len(w) == 1 for w in workers.values()), workers  # loadgroup: one engine, one worker
+    events = json.loads(report.read_text())["engine_cache"]["events"]
+    forced = collections.Counter(e["key"] for e in events if e["outcome"] == "rebuilt-forced")
+    assert forced and set(forced.values()) == {1}, forced  # the shared FP32 export too: once, not once per worker
+    assert {e["key"] for e in events} == set(forced)  # every entry of the session was rebuilt
