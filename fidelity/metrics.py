@@ -117,6 +117,7 @@ class FidelityResult:
     worst_engine_value: float
     worst_reference_value: float
     replay: str = ""
+    divergence: str = ""  # the compact first-divergence trace of a failure (fidelity.divergence), where exposed
 
     # -- verdict -------------------------------------------------------------------
     @property
@@ -182,6 +183,8 @@ class FidelityResult:
             f"Errors: mean abs {self.mean_abs_err:.3g}, p99 abs {self.p99_abs_err:.3g}, "
             f"max rel {self.max_rel_err:.3g}. Tokenizer: {ctx.tokenizer}. Weights: {ctx.weights}."
         )
+        if self.divergence:
+            lines.append("Divergence:\n  " + self.divergence.replace("\n", "\n  "))
         if self.replay:
             lines.append(f"Replay: {self.replay}")
         return "\n".join(lines)

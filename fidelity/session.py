@@ -9,6 +9,7 @@ compares their outputs with the FP32 reference and records the results.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 
 import torch
@@ -18,6 +19,7 @@ from engines.batch import TokenBatch
 from engines.factory import EngineFactory
 from engines.models import LoadedModel
 from fidelity.corpus import TextCorpus, load_corpus, packed_batch, padded_batch
+from fidelity.divergence import trace
 from fidelity.metrics import CompareContext, FidelityResult, compare_outputs, tolerance_for
 from fidelity.options import FidelityOptions
 from fidelity.report import FidelityReport
@@ -57,6 +59,10 @@ class ReferenceCache:
             self._bytes -= old.numel() * old.element_size()
 
 
+# A failing check traces where the engine diverged (fidelity.divergence); at most this many times per engine.
+MAX_TRACES_PER_ENGINE = 25
+
+
 class FidelitySession:
     def __init__(self, options: FidelityOptions, factory: EngineFactory, *, command: str = "") -> None:
         self.options = options
@@ -66,6 +72,7 @@ class FidelitySession:
         self._corpus: TextCorpus | None = None
         self._corpus_notes: list[str] = []
         self._finished = False
+        self._traces: collections.Counter[str] = collections.Counter()  # divergence traces made per engine
         if options.wikitext_path is not None:
             # Read now: a missing, empty or unreadable file is a usage error before any engine is built.
             self._corpus, self._corpus_notes = load_corpus(options.wikitext_path)
@@ -136,6 +143,12 @@ class FidelitySession:
         )
         tolerance = tolerance_for(engine.policy, self.options.cosine_min)
         result = compare_outputs(output, reference, batch, context, tolerance)
+        if not result.passed and not result.reference_failed and self._traces[engine.name] < MAX_TRACES_PER_ENGINE:
+            # Two more forward passes per failure: bounded, since Hypothesis shrinking fails many times.
+            self._traces[engine.name] += 1
+            found = trace(engine, self.factory.reference(model.name), batch, bar=tolerance.cosine_min)
+            if found is not None:
+                result = dataclasses.replace(result, divergence=found.compact())
         self.report.record(result, input_kind=input_kind, gated=self.is_gated(engine.policy.name))
         return result
 

@@ -179,6 +179,11 @@ class Runner(abc.ABC):
         """Device memory held outside the torch allocator (none, for engines that allocate through torch)."""
         return EngineMemory()
 
+    def intermediates(self, batch: TokenBatch) -> list[tuple[str, torch.Tensor]] | None:
+        """Every block's output for ``batch``, in execution order (``[(module path, tensor)]``), where the backend
+        exposes them; None where it does not (compiled graphs, ONNX Runtime, TensorRT).  For fidelity.divergence."""
+        return None
+
     def release_shapes(self) -> None:
         """Drop what the engine keeps per input shape (captured CUDA graphs), so that the next shape's memory is its own.
 

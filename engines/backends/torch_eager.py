@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 import torch
@@ -26,6 +27,11 @@ def probe_batch(vocab_size: int, special_ids: tuple[int, ...], pad_id: int) -> T
     mask[1, 8:] = 0
     ids[1, 8:] = pad_id
     return TokenBatch(ids, mask, source="precision-audit probe")
+
+
+# The blocks whose outputs a divergence trace compares: embeddings, each layer (BERT's encoder.layer.N,
+# GPT-2's h.N) and its direct children, the final norm.
+BLOCK_PATTERN = re.compile(r"(?:^|\.)(?:embeddings|wte|(?:layer|h)\.\d+(?:\.[^.]+)?|ln_f)$")
 
 
 class TorchRunner(Runner):
@@ -58,6 +64,37 @@ class TorchRunner(Runner):
     @torch.inference_mode()
     def _run(self, staged: TokenBatch) -> torch.Tensor:
         return self.forward(staged.input_ids, staged.attention_mask).float()
+
+    def intermediates(self, batch: TokenBatch) -> list[tuple[str, torch.Tensor]]:
+        """Block outputs of the eager policy module (the one CUDA-graph and compiled engines capture), by forward hooks.
+
+        Blocks: the embeddings, every transformer layer and each layer's direct children (attention, MLP,
+        LayerNorms), the final norm; a tuple output's first tensor, as an FP32 copy on the engine's device.
+        """
+        if not self._built:
+            self.build()
+        outputs: list[tuple[str, torch.Tensor]] = []
+
+        def keep(name: str):
+            def hook(module, inputs, output) -> None:
+                tensor = output[0] if isinstance(output, (tuple, list)) else output
+                if torch.is_tensor(tensor) and tensor.is_floating_point():
+                    outputs.append((name, tensor.detach().float()))
+            return hook
+
+        handles = [m.register_forward_hook(keep(name)) for name, m in self.forward.model.named_modules()
+                   if BLOCK_PATTERN.search(name)]
+        staged = TorchRunner._stage(self, batch)  # unpadded, eager: not a captured graph
+        try:
+            self._trace_forward(staged)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
+
+    @torch.inference_mode()
+    def _trace_forward(self, staged: TokenBatch) -> None:
+        self.forward(staged.input_ids, staged.attention_mask)
 
     def _close(self) -> None:
         self.forward = None
@@ -108,3 +145,7 @@ class TorchReferenceRunner(TorchRunner):
     def _run(self, staged: TokenBatch) -> torch.Tensor:
         with applied(REFERENCE_NUMERICS):
             return super()._run(staged)
+
+    def _trace_forward(self, staged: TokenBatch) -> None:
+        with applied(REFERENCE_NUMERICS):
+            super()._trace_forward(staged)

@@ -1,0 +1,114 @@
+"""First divergence: where an engine's computation leaves the FP32 reference, block by block.
+
+For one engine and one batch, every block's output (embeddings, each layer, each
+layer's attention / MLP / LayerNorm children, the final norm; what the backend exposes
+through ``Runner.intermediates``) is compared with the reference's at the same module
+path, over the batch's valid positions: per-sample min cosine, max absolute error,
+non-finite values.  The trace names the first block whose output goes non-finite
+(where the reference's is finite) and the first block below the cosine bar, in
+execution order.  A failing fidelity test prints the compact trace next to its replay
+literal; ``python -m fidelity.instability trace`` (issue 12) will print the whole table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from engines.batch import TokenBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDivergence:
+    name: str
+    min_cosine: float  # NaN where a sample's output is not finite
+    max_abs_err: float
+    nonfinite: int  # non-finite values at valid positions in the engine's output
+    reference_nonfinite: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DivergenceTrace:
+    engine: str
+    bar: float
+    blocks: list[BlockDivergence]
+    missing: list[str]  # reference blocks the engine did not report (renamed or fused away)
+
+    @property
+    def first_nonfinite(self) -> BlockDivergence | None:
+        return next((b for b in self.blocks if b.nonfinite and not b.reference_nonfinite), None)
+
+    @property
+    def first_below_bar(self) -> BlockDivergence | None:
+        return next((b for b in self.blocks if math.isnan(b.min_cosine) or b.min_cosine < self.bar), None)
+
+    def compact(self, *, context: int = 2) -> str:
+        """A few lines for a failure message: the first bad blocks, and the blocks just before them."""
+        if not self.blocks:
+            return f"no block outputs to compare for {self.engine}"
+        lines = []
+        bad = self.first_nonfinite
+        lines.append(f"first non-finite block: {bad.name} ({bad.nonfinite} values)" if bad else
+                     "first non-finite block: none")
+        below = self.first_below_bar
+        lines.append(f"first block below {self.bar}: {below.name} (min cosine {below.min_cosine:.7f})" if below else
+                     f"first block below {self.bar}: none (the divergence is in the output head)")
+        anchor = next((i for i, b in enumerate(self.blocks) if b in (bad, below)), len(self.blocks) - 1)
+        shown = self.blocks[max(0, anchor - context): anchor + 1]
+        lines.append("  ".join(f"{b.name}: {b.min_cosine:.7f} / {b.max_abs_err:.3g}" for b in shown)
+                     + "  (min cosine / max |err| against FP32)")
+        return "\n".join(lines)
+
+    def table(self) -> list[tuple[str, str, str, str]]:
+        return [(b.name, f"{b.min_cosine:.7f}", f"{b.max_abs_err:.3g}", str(b.nonfinite)) for b in self.blocks]
+
+
+def _valid(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with padded positions zeroed, when its leading dims are (batch, sequence)."""
+    if tensor.dim() >= 2 and tuple(tensor.shape[:2]) == tuple(mask.shape):
+        shape = (*mask.shape, *([1] * (tensor.dim() - 2)))
+        return tensor * mask.reshape(shape).to(tensor.dtype)
+    return tensor
+
+
+def compare_blocks(engine: list[tuple[str, torch.Tensor]], reference: list[tuple[str, torch.Tensor]],
+                   batch: TokenBatch, *, engine_name: str, bar: float) -> DivergenceTrace:
+    theirs = dict(engine)
+    blocks, missing = [], []
+    for name, ref in reference:
+        out = theirs.get(name)
+        if out is None or out.shape != ref.shape:
+            missing.append(name)
+            continue
+        out = out.to(ref.device)
+        mask = batch.attention_mask.to(ref.device)
+        valid = mask.bool() if out.dim() >= 2 and tuple(out.shape[:2]) == tuple(mask.shape) else None
+        nonfinite_mask = ~torch.isfinite(out)
+        ref_nonfinite_mask = ~torch.isfinite(ref)
+        if valid is not None:
+            shape = (*mask.shape, *([1] * (out.dim() - 2)))
+            nonfinite_mask = nonfinite_mask & valid.reshape(shape)
+            ref_nonfinite_mask = ref_nonfinite_mask & valid.reshape(shape)
+        out_v, ref_v = _valid(out, mask), _valid(ref, mask)
+        flat_out, flat_ref = out_v.reshape(out.shape[0], -1).double(), ref_v.reshape(ref.shape[0], -1).double()
+        cosines = torch.nn.functional.cosine_similarity(flat_out, flat_ref, dim=1, eps=1e-12)
+        err = (flat_out - flat_ref).abs()
+        blocks.append(BlockDivergence(
+            name=name,
+            min_cosine=float("nan") if torch.isnan(cosines).any() else float(cosines.min()),
+            max_abs_err=float(err[torch.isfinite(err)].max()) if torch.isfinite(err).any() else float("nan"),
+            nonfinite=int(nonfinite_mask.sum()),
+            reference_nonfinite=int(ref_nonfinite_mask.sum()),
+        ))
+    return DivergenceTrace(engine_name, bar, blocks, missing)
+
+
+def trace(engine, reference, batch: TokenBatch, *, bar: float) -> DivergenceTrace | None:
+    """The divergence of ``engine`` from ``reference`` (both runners of one model) on ``batch``; None where the
+    engine's backend exposes no block outputs."""
+    ours = engine.intermediates(batch)
+    if ours is None:
+        return None
+    return compare_blocks(ours, reference.intermediates(batch), batch, engine_name=engine.name, bar=bar)
