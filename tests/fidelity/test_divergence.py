@@ -1,5 +1,6 @@
 """First divergence on real engines with planted faults: the trace names the block where they were planted."""
 
+import json
 import os
 import subprocess
 import sys
@@ -69,3 +70,17 @@ def test_a_failing_fidelity_test_prints_the_trace_beside_its_replay(tmp_path):
     failure = proc.stdout.split("Divergence:", 1)[1]
     assert "first non-finite block: encoder.layer.1.output" in failure.split("Replay:", 1)[0]
     assert "Replay: TokenBatch(" in failure
+
+
+def test_the_trace_command_writes_every_block_and_refuses_backends_without_them(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    base = [sys.executable, "-m", "fidelity.instability", "trace", "--models=tiny-bert", "--precisions=fp16",
+            "--device=cpu", f"--engine-cache={tmp_path / 'cache'}"]
+    proc = subprocess.run([*base, "--backends=torch", f"--out={tmp_path / 'out'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    traces = json.loads((tmp_path / "out" / "trace.json").read_text())
+    assert traces and all(t["engine"] == "tiny-bert/torch/fp16" and t["first_below_bar"] is None for t in traces)
+    assert [b["block"] for b in traces[0]["blocks"]][:2] == ["embeddings", "encoder.layer.0.attention"]
+    refused = subprocess.run([*base, "--backends=onnxrt"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "exposes no block outputs" in refused.stderr

@@ -1,0 +1,193 @@
+"""``python -m fidelity.instability``: where FP16 breaks, and the least FP32 that mends it.
+
+    python -m fidelity.instability trace  --models M --backends B --precisions P [--out DIR]
+        every block's min cosine / max error / non-finite values against FP32, on the
+        natural-text and seeded inputs: the first non-finite block, the first block below the bar
+    python -m fidelity.instability search --models M --backends B --start fp16 --out DIR
+        the smallest FP32-keep policy (fidelity.policy_search): DIR/policy.json (a policy
+        file every backend takes: --precisions file:DIR/policy.json), DIR/search.json, DIR/search.md
+
+Engine options are the tests' (models, backends, device, weights, engine cache, ...).
+Inputs: the profile's natural-text batches (``--wikitext-path``, else the bundled prose)
+and ``--random-batches`` seeded uniform-random token batches of the same shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from engines.batch import TokenBatch
+from engines.files import atomic_write_text
+from engines.options import (
+    ENGINE_OPTIONS,
+    EngineSelection,
+    OptionError,
+    add_options,
+    check_creatable,
+    collect,
+    usage_errors,
+)
+from engines.tables import render_table
+
+SEED = 20261126
+DEFAULT_SHAPES = ((4, 64), (2, 128))
+
+
+def inputs_for(model, *, wikitext_path: Path | None, random_batches: int, shapes=DEFAULT_SHAPES) -> list[TokenBatch]:
+    from fidelity.corpus import load_corpus, packed_batch, padded_batch
+
+    batches: list[TokenBatch] = []
+    if model.tokenizer is not None:
+        corpus = load_corpus(wikitext_path)[0]
+        for batch, seq in shapes:
+            seq = min(seq, model.max_positions)
+            batches += [packed_batch(corpus, model, batch=batch, seq_len=seq),
+                        padded_batch(corpus, model, batch=batch, seq_len=seq)]
+    generator = torch.Generator().manual_seed(SEED)
+    for index in range(random_batches):
+        batch, seq = shapes[index % len(shapes)]
+        ids = torch.randint(0, model.vocab_size, (batch, min(seq, model.max_positions)), generator=generator)
+        batches.append(TokenBatch(ids, torch.ones_like(ids), f"seeded random ids #{index} (seed {SEED})"))
+    return batches
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fidelity.instability", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("trace", "block-by-block divergence from FP32"), ("search", "the smallest FP32-keep policy")):
+        p = sub.add_parser(name, help=text)
+        add_options(p.add_argument, ENGINE_OPTIONS)
+        p.add_argument("--wikitext-path", type=Path, help="WikiText-2 (parquet or raw text); default: the bundled prose")
+        p.add_argument("--random-batches", type=int, default=2, help="seeded uniform-random token batches (default 2)")
+        p.add_argument("--out", type=Path, help="folder for the results (JSON and Markdown)")
+        p.add_argument("--cosine-min", type=float, default=0.9998, help="the bar (default 0.9998, the published one)")
+    search = sub.choices["search"]
+    search.add_argument("--start", default="fp16", help="the low-precision policy to start from (default fp16)")
+    search.add_argument("--margin", type=float, default=2.0,
+                        help="pass means 1 - cosine <= (1 - bar) / margin (default 2: half the error budget)")
+    return parser
+
+
+def _selection(args: argparse.Namespace, precisions: str) -> EngineSelection:
+    values = collect(vars(args).get, ENGINE_OPTIONS)
+    values["precisions"] = precisions
+    selection = EngineSelection.from_values(values)
+    if len(selection.models) != 1 or len(selection.backends) != 1:
+        raise OptionError("give one model (--models) and one backend (--backends) per search or trace")
+    return selection
+
+
+def _trace(args, selection) -> int:
+    from engines.factory import EngineFactory, EngineSpec
+    from fidelity.divergence import trace
+
+    factory = EngineFactory(selection)
+    factory.apply_numerics()
+    model_name, backend = selection.models[0], selection.backends[0]
+    model = factory.model(model_name)
+    inputs = inputs_for(model, wikitext_path=args.wikitext_path, random_batches=args.random_batches)
+    reference = factory.reference(model_name)
+    results, lines = [], [f"# Divergence from FP32: {model_name} / {backend} ({model.weights_source})", ""]
+    for precision in selection.precisions:
+        engine = factory.build(EngineSpec(model_name, backend, precision))
+        for batch in inputs:
+            found = trace(engine, reference, batch, bar=args.cosine_min)
+            if found is None:
+                raise OptionError(f"backend {backend} exposes no block outputs: trace a torch engine "
+                                  "(torch, torch-cudagraph or torch-compile run the same module eagerly for it)")
+            results.append({"engine": engine.name, "input": batch.source, "shape": list(batch.shape),
+                            "first_nonfinite": found.first_nonfinite and found.first_nonfinite.name,
+                            "first_below_bar": found.first_below_bar and found.first_below_bar.name,
+                            "blocks": [dict(zip(("block", "min_cosine", "max_abs_err", "nonfinite"), row))
+                                       for row in found.table()]})
+            lines += [f"## {engine.name}, {batch.source} {tuple(batch.shape)}", "", found.compact(), "",
+                      render_table(("block", "min cosine", "max abs err", "non-finite"), found.table(), markdown=True), ""]
+        engine.close()
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / "trace.json", json.dumps(results, indent=2) + "\n")
+        atomic_write_text(args.out / "trace.md", text)
+    factory.close()
+    return 0
+
+
+def _search(args, selection) -> int:
+    from engines.backends.registry import get_backend
+    from engines.factory import EngineFactory
+    from engines.precision.policy import write_policy_file
+    from fidelity.policy_search import PolicySearch
+
+    if args.out is None:
+        raise OptionError("--out DIR is required: the found policy file and the search report go there")
+    factory = EngineFactory(selection)
+    factory.apply_numerics()
+    model_name, backend = selection.models[0], selection.backends[0]
+    model = factory.model(model_name)
+    start = factory.policy(selection.precisions[0])
+    runner_cls = get_backend(backend).load()
+    inputs = inputs_for(model, wikitext_path=args.wikitext_path, random_batches=args.random_batches)
+    time_engine = None
+    if factory.device.startswith("cuda"):
+        from perf.stats import median
+        from perf.timing import TimedEngine, sample_seconds, staged_inputs
+
+        def time_engine(runner, batch):
+            call = TimedEngine(runner, staged_inputs(runner, *batch.shape))
+            return 1e3 * median(sample_seconds(call, warmup=5, rounds=20))
+
+    print(f"search: {model_name} ({model.weights_source}) / {backend} from {start.name}: {len(inputs)} input batches; "
+          f"pass: 1 - min cosine <= (1 - {args.cosine_min}) / {args.margin}, no non-finite output", flush=True)
+    search = PolicySearch(model, start, lambda policy: runner_cls(model, policy, factory.device, factory.options).build(),
+                          factory.reference(model_name), inputs, bar=args.cosine_min, margin=args.margin,
+                          time_engine=time_engine)
+    result = search.run()
+    args.out.mkdir(parents=True, exist_ok=True)
+    policy_path = write_policy_file(result.policy, args.out / "policy.json")
+    record = {**result.as_dict(), "model": model_name, "weights": model.weights_source, "backend": backend,
+              "device": factory.device, "inputs": [b.source for b in inputs], "environment": factory.environment(),
+              "command": "python -m fidelity.instability " + " ".join(sys.argv[1:])}
+    atomic_write_text(args.out / "search.json", json.dumps(record, indent=2, default=str) + "\n")
+    rows = [(i + 1, c.stage, ", ".join(k.describe() for k in c.keeps) or "nothing", f"{c.min_cosine:.7f}", c.nonfinite,
+             "pass" if c.passed else "fail", "-" if c.latency_ms is None else f"{c.latency_ms:.3f}")
+            for i, c in enumerate(result.path)]
+    text = "\n".join([
+        f"# Smallest FP32-keep policy: {model_name} / {backend} from {start.name}", "",
+        f"Weights: {model.weights_source}; device {factory.device}; {len(inputs)} input batches; pass: no non-finite "
+        f"output and every sample's cosine >= {result.threshold:.7g} (bar {args.cosine_min}, margin {args.margin:g}).",
+        "Algorithm: delta debugging (ddmin, 1-minimal): the op classes, then each kept class's modules.", "",
+        f"Kept in FP32: **{', '.join(k.describe() for k in result.keeps) or 'nothing'}** -> `{policy_path.name}`",
+        "(the published hybrid policy keeps softmax, layernorm and elementwise in FP32 everywhere).", "",
+        render_table(("#", "stage", "kept in FP32", "min cosine", "non-finite", "verdict", "latency ms"), rows,
+                     markdown=True), ""])
+    atomic_write_text(args.out / "search.md", text)
+    print(text)
+    factory.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.out is not None and not args.out.exists():
+            check_creatable(args.out, source="--out", fix="give a folder that can be created")
+        if args.random_batches < 0:
+            raise OptionError("--random-batches must be >= 0")
+        precisions = vars(args).get("precisions") or ("fp16" if args.command == "trace" else None)
+        selection = _selection(args, args.start if args.command == "search" else precisions)
+        return (_trace if args.command == "trace" else _search)(args, selection)
+    except usage_errors() as exc:
+        parser.error(str(exc))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
