@@ -1,4 +1,4 @@
-"""pytest-xdist workers: pinned to their GPU, one engine per worker, --rebuild-engines once per session."""
+"""pytest-xdist: workers pinned to their GPU, one engine per worker, --rebuild-engines once per session, one merged report."""
 
 import collections
 import json
@@ -50,24 +50,43 @@ def test_gpus_without_cuda_is_a_usage_error():
         EngineSelection.from_values({"models": "tiny-bert", "device": "cpu", "gpus": "0"})
 
 
-def test_two_workers_build_each_engine_once_and_rebuild_each_entry_once(tmp_path):
-    cache, report = tmp_path / "cache", tmp_path / "r.json"
+def rows(report: Path) -> dict[tuple, dict]:
+    data = json.loads(report.read_text())
+    return {(r["model"], r["backend"], r["precision"], r["input_source"]): r for r in data["rows"]}
+
+
+def test_two_workers_give_a_serial_runs_rows_build_each_engine_once_and_rebuild_each_entry_once(tmp_path):
+    cache, serial_report, report = tmp_path / "cache", tmp_path / "serial.json", tmp_path / "xdist.json"
     select = ["-m", "fidelity", "fidelity", "--models=tiny-bert", "--backends=onnxrt", "--precisions=fp32,hybrid,fp16",
               "--input-profile=ci", f"--engine-cache={cache}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    first = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *select], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=600)
+    first = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *select,
+                            f"--fidelity-report={serial_report}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
     assert first.returncode == 0, first.stdout[-3000:]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "-v", *select,
                            "--rebuild-engines", f"--fidelity-report={report}"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
+    # One report and one summary, with every row of the serial run and the same numbers.
+    assert "fidelity summary" in proc.stdout and "2 workers" in proc.stdout
+    one, two = rows(serial_report), rows(report)
+    assert len(one) == 3 * 3 and set(one) == set(two)  # precisions x input sources
+    for key, row in one.items():
+        for field in ("samples", "batches", "min_cosine", "mean_cosine", "max_abs_err", "nan_count", "verdict"):
+            assert two[key][field] == row[field], (key, field)
+    merged = json.loads(report.read_text())
+    assert len(merged["engines"]) == len(json.loads(serial_report.read_text())["engines"])
+    assert sorted(merged["engine_cache"]["workers"]) == ["xdist.json.gw0.part", "xdist.json.gw1.part"]
+    assert not list(tmp_path.glob("*.part"))  # the shards are merged and gone
+    # Each engine on one worker.
     workers = collections.defaultdict(set)
     for worker, engine in re.findall(r"\[(gw\d)\] \[\s*\d+%\] PASSED \S+\[(tiny-bert/onnxrt/\w+)\]", proc.stdout):
         workers[engine].add(worker)
     assert set(workers) == {"tiny-bert/onnxrt/fp32", "tiny-bert/onnxrt/hybrid", "tiny-bert/onnxrt/fp16"}, proc.stdout[-3000:]
-    assert all(len(w) == 1 for w in workers.values()), workers  # loadgroup: one engine, one worker
-    events = json.loads(report.read_text())["engine_cache"]["events"]
+    assert all(len(w) == 1 for w in workers.values()), workers
+    # --rebuild-engines: every entry once in the session, the shared FP32 export too, not once per worker.
+    events = merged["engine_cache"]["events"]
     forced = collections.Counter(e["key"] for e in events if e["outcome"] == "rebuilt-forced")
-    assert forced and set(forced.values()) == {1}, forced  # the shared FP32 export too: once, not once per worker
-    assert {e["key"] for e in events} == set(forced)  # every entry of the session was rebuilt
+    assert forced and set(forced.values()) == {1}, forced
+    assert {e["key"] for e in events} == set(forced)
