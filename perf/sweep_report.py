@@ -181,6 +181,10 @@ def comparability(runs: list[dict[str, Any]]) -> str:
         "TensorRT engines on an RTX 3090 (main GPU, per the first author's profile) and an A100 (the abstract's "
         "cross-check) against a CPU baseline whose hardware is not published. bert-base and gpt2 carry random-init "
         "weights here unless a run says otherwise."
+        + (" The FP32 engines ran with TF32 off (IEEE FP32 on the CUDA cores, as the FP32 reference), so FP16/FP32 "
+           "and hybrid/FP32 ratios set tensor-core half precision against non-tensor-core FP32; with TF32 (an "
+           "Ampere-or-later default in some stacks) the FP32 side would be faster and the ratios smaller."
+           if any(r.get("numerics", {}).get("tf32") is False for r in runs) and gpu != "no GPU (CPU run)" else "")
     )
 
 

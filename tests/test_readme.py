@@ -1,4 +1,4 @@
-"""The README's option and policy tables are generated from the code's tables: they must agree."""
+"""The README's option, policy and sweep-claims tables are generated from the code's tables and the committed data."""
 
 import re
 import sys
@@ -21,11 +21,20 @@ def _policies() -> str:
     return policies_markdown()
 
 
+def _sweep_claims() -> str:
+    from engines.tables import render_table
+    from perf.sweep_report import claims, read_csv
+
+    csv = Path(__file__).resolve().parents[1] / "docs" / "results" / "sweep-h100" / "full" / "sweep.csv"
+    return render_table(("claim", "published", "measured here", "verdict"), claims(read_csv(csv)), markdown=True)
+
+
 GENERATED = {
     "engine-options": lambda: _options("engines.options", "ENGINE_OPTIONS"),
     "fidelity-options": lambda: _options("fidelity.options", "FIDELITY_OPTIONS"),
     "perf-options": lambda: _options("perf.options", "PERF_OPTIONS"),
     "policies": _policies,
+    "sweep-claims": _sweep_claims,
 }
 
 
