@@ -184,3 +184,17 @@ def test_the_console_script_is_declared():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["fidelity-gate"] == "gate.cli:main"
     assert any(dep.startswith("ruptures") for dep in project["dependencies"])
+
+
+@pytest.mark.parametrize("candidate,exit_code", [("again", 0), ("deterministic", 1), ("slowed", 1),
+                                                 ("perturbed-5pct", 1), ("perturbed-2pct", 1)])
+def test_the_committed_h100_verdicts_are_what_the_gate_gives_on_the_committed_runs(candidate, exit_code, tmp_path):
+    folder = ROOT / "docs" / "results" / "upgrade-gate-h100"
+    out = tmp_path / "gate.json"
+    proc = gate("compare", f"docs/results/upgrade-gate-h100/{candidate}", "--baseline", "docs/results/upgrade-gate-h100/base",
+                "--json", out)
+    assert proc.returncode == exit_code, proc.stderr
+    fresh, committed = json.loads(out.read_text()), json.loads((folder / candidate / "gate.json").read_text())
+    for data in (fresh, committed):
+        data.pop("written")
+    assert fresh == committed
