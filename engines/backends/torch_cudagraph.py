@@ -23,6 +23,14 @@ WARMUP_RUNS = 2
 
 class CapturedShape:
     def __init__(self, forward, shape: tuple[int, int], device: torch.device, pool) -> None:
+        # Capture on the engine's device: with another current device (a pytest-xdist worker on cuda:1, or
+        # --device cuda:1) the capture stream would be the current device's, and the engine's kernels would go
+        # to an uncaptured stream ("operation not permitted when stream is capturing", seen on two H200s).
+        self.device = device
+        with torch.cuda.device(device):
+            self._capture(forward, shape, device, pool)
+
+    def _capture(self, forward, shape: tuple[int, int], device: torch.device, pool) -> None:
         self.input_ids = torch.zeros(shape, dtype=torch.int64, device=device)
         self.attention_mask = torch.ones(shape, dtype=torch.int64, device=device)
         # Warm-up on a side stream, as CUDA graph capture requires.
@@ -37,11 +45,12 @@ class CapturedShape:
             self.output = forward(self.input_ids, self.attention_mask)
 
     def run(self, batch: TokenBatch) -> torch.Tensor:
-        self.input_ids.copy_(batch.input_ids, non_blocking=True)
-        self.attention_mask.copy_(batch.attention_mask, non_blocking=True)
-        self.graph.replay()
-        # The static output is overwritten by the next replay: hand out a copy.
-        return self.output.clone()
+        with torch.cuda.device(self.device):
+            self.input_ids.copy_(batch.input_ids, non_blocking=True)
+            self.attention_mask.copy_(batch.attention_mask, non_blocking=True)
+            self.graph.replay()
+            # The static output is overwritten by the next replay: hand out a copy.
+            return self.output.clone()
 
 
 class CapturedGraphs:
@@ -51,7 +60,8 @@ class CapturedGraphs:
         self.forward = forward
         self.device = device
         self.max_graphs = max_graphs
-        self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.device(device):
+            self._pool = torch.cuda.graph_pool_handle()
         self._graphs: collections.OrderedDict[tuple[int, int], CapturedShape] = collections.OrderedDict()
 
     def run(self, batch: TokenBatch) -> torch.Tensor:
@@ -75,7 +85,8 @@ class CapturedGraphs:
         on the H100, seen when the sweep released one shape's graphs before the next).
         """
         self._graphs.clear()
-        self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.device(self.device):
+            self._pool = torch.cuda.graph_pool_handle()
 
 
 class KeepsCapturedGraphs:
