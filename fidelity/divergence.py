@@ -44,8 +44,9 @@ class DivergenceTrace:
     def first_below_bar(self) -> BlockDivergence | None:
         return next((b for b in self.blocks if math.isnan(b.min_cosine) or b.min_cosine < self.bar), None)
 
-    def compact(self, *, context: int = 2) -> str:
-        """A few lines for a failure message: the first bad blocks, and the blocks just before them."""
+    def compact(self, *, context: int = 2, output_failed: bool = False) -> str:
+        """A few lines: the first bad blocks, and the blocks just before them.  ``output_failed``: the engine's
+        output failed the check (a failure message), so a trace with no bad block points past the last block."""
         if not self.blocks:
             return f"no block outputs to compare for {self.engine}"
         lines = []
@@ -53,8 +54,12 @@ class DivergenceTrace:
         lines.append(f"first non-finite block: {bad.name} ({bad.nonfinite} values)" if bad else
                      "first non-finite block: none")
         below = self.first_below_bar
-        lines.append(f"first block below {self.bar}: {below.name} (min cosine {below.min_cosine:.7f})" if below else
-                     f"first block below {self.bar}: none (the divergence is in the output head)")
+        if below:
+            lines.append(f"first block below {self.bar}: {below.name} (min cosine {below.min_cosine:.7f})")
+        else:
+            lines.append(f"first block below {self.bar}: none" + (
+                " (every block follows FP32: the divergence is after the last block, in the output head)"
+                if output_failed else ""))
         anchor = next((i for i, b in enumerate(self.blocks) if b in (bad, below)), len(self.blocks) - 1)
         shown = self.blocks[max(0, anchor - context): anchor + 1]
         lines.append("  ".join(f"{b.name}: {b.min_cosine:.7f} / {b.max_abs_err:.3g}" for b in shown)

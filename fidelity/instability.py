@@ -61,10 +61,13 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     sub = parser.add_subparsers(dest="command", required=True)
+    # One engine at a time: the engine options without the ones that choose several or spread them over workers.
+    options = tuple(o for o in ENGINE_OPTIONS if o.dest != "gpus")
     for name, text in (("trace", "block-by-block divergence from FP32"), ("search", "the smallest FP32-keep policy")):
         p = sub.add_parser(name, help=text)
-        add_options(p.add_argument, ENGINE_OPTIONS)
-        p.add_argument("--wikitext-path", type=Path, help="WikiText-2 (parquet or raw text); default: the bundled prose")
+        add_options(p.add_argument, tuple(o for o in options if name == "trace" or o.dest != "precisions"))
+        p.add_argument("--wikitext-path", type=Path,
+                       help="WikiText-2 (parquet, json/jsonl or raw text, as the tests take it); default: the bundled prose")
         p.add_argument("--random-batches", type=int, default=2, help="seeded uniform-random token batches (default 2)")
         p.add_argument("--out", type=Path, help="folder for the results (JSON and Markdown)")
         p.add_argument("--cosine-min", type=float, default=0.9998, help="the bar (default 0.9998, the published one)")
@@ -75,13 +78,44 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _selection(args: argparse.Namespace, precisions: str) -> EngineSelection:
+def _selection(args: argparse.Namespace, precisions: str, *, precisions_flag: str) -> EngineSelection:
     values = collect(vars(args).get, ENGINE_OPTIONS)
+    if not values.get("models") or not values.get("backends"):
+        raise OptionError("give one model (--models NAME) and one backend (--backends NAME): a search or trace "
+                          "looks at one engine")
     values["precisions"] = precisions
-    selection = EngineSelection.from_values(values)
+    try:
+        selection = EngineSelection.from_values(values)
+    except OptionError as exc:
+        if "unknown precision" in str(exc) and precisions_flag != "--precisions":
+            known = str(exc).split(" Pass them with")[0]
+            raise OptionError(f"{precisions_flag} {precisions}: {known}") from None
+        raise
     if len(selection.models) != 1 or len(selection.backends) != 1:
         raise OptionError("give one model (--models) and one backend (--backends) per search or trace")
     return selection
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Every value checked before anything is built or measured."""
+    if args.out is not None:
+        if args.out.exists() and not args.out.is_dir():
+            raise OptionError(f"--out {args.out} is a file; give a folder (it is created if missing)")
+        if not args.out.exists():
+            check_creatable(args.out, source="--out", fix="give a folder that can be created")
+    if args.random_batches < 0:
+        raise OptionError("--random-batches must be >= 0")
+    if not 0 < args.cosine_min < 1:
+        raise OptionError(f"--cosine-min {args.cosine_min}: give a cosine bar between 0 and 1, such as 0.9998")
+    if args.command == "search":
+        if args.out is None:
+            raise OptionError("--out DIR is required: the found policy file and the search report go there")
+        if args.margin < 1:
+            raise OptionError(f"--margin {args.margin}: give 1 or more (2: pass at half the bar's error budget)")
+    if args.wikitext_path is not None:
+        from fidelity.corpus import load_corpus
+
+        load_corpus(args.wikitext_path)  # a missing or unreadable file is refused now
 
 
 def _trace(args, selection) -> int:
@@ -126,8 +160,6 @@ def _search(args, selection) -> int:
     from engines.precision.policy import write_policy_file
     from fidelity.policy_search import PolicySearch
 
-    if args.out is None:
-        raise OptionError("--out DIR is required: the found policy file and the search report go there")
     factory = EngineFactory(selection)
     factory.apply_numerics()
     model_name, backend = selection.models[0], selection.backends[0]
@@ -177,15 +209,16 @@ def _search(args, selection) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    from fidelity.corpus import CorpusError
+
     try:
-        if args.out is not None and not args.out.exists():
-            check_creatable(args.out, source="--out", fix="give a folder that can be created")
-        if args.random_batches < 0:
-            raise OptionError("--random-batches must be >= 0")
-        precisions = vars(args).get("precisions") or ("fp16" if args.command == "trace" else None)
-        selection = _selection(args, args.start if args.command == "search" else precisions)
+        _check(args)
+        if args.command == "search":
+            selection = _selection(args, args.start, precisions_flag="--start")
+        else:
+            selection = _selection(args, vars(args).get("precisions") or "fp16", precisions_flag="--precisions")
         return (_trace if args.command == "trace" else _search)(args, selection)
-    except usage_errors() as exc:
+    except (*usage_errors(), CorpusError) as exc:
         parser.error(str(exc))
 
 

@@ -500,7 +500,7 @@ def load_report(path: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Render a fidelity report JSON as Markdown")
+    parser = argparse.ArgumentParser(prog="python -m fidelity.report", description="Render a fidelity report JSON as Markdown")
     parser.add_argument("report", type=Path)
     parser.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
     args = parser.parse_args(argv)

@@ -148,7 +148,7 @@ class FidelitySession:
             self._traces[engine.name] += 1
             found = trace(engine, self.factory.reference(model.name), batch, bar=tolerance.cosine_min)
             if found is not None:
-                result = dataclasses.replace(result, divergence=found.compact())
+                result = dataclasses.replace(result, divergence=found.compact(output_failed=True))
         self.report.record(result, input_kind=input_kind, gated=self.is_gated(engine.policy.name))
         return result
 

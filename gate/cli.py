@@ -82,7 +82,12 @@ def _compare(args: argparse.Namespace) -> int:
     else:
         baseline = stored(args.baselines or default_root(), candidate.machine_id,
                           want_fidelity=candidate.fidelity is not None, want_perf=candidate.perf is not None)
-    result = compare(baseline, candidate, thresholds)
+    try:
+        result = compare(baseline, candidate, thresholds)
+    except ResultSetError as exc:
+        if args.baseline:
+            raise
+        raise ResultSetError(f"{exc} (the stored baseline chosen: {baseline.label}; name another with --baseline)") from None
     text = result.markdown()
     print(text)
     if args.markdown:

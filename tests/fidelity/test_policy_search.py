@@ -72,3 +72,22 @@ def test_the_command_writes_a_policy_file_that_the_fidelity_suite_runs_on_torch_
                           "--backends=torch", "--device=cpu", f"--out={tmp_path / 'x'}"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "give one model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bad_values_are_usage_errors_before_any_work(tmp_path):
+    base = [sys.executable, "-m", "fidelity.instability"]
+    one = ["--models=tiny-bert", "--backends=torch", "--device=cpu"]
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["search", *one, f"--out={tmp_path / 'file'}"], "is a file; give a folder"),
+        (["search", *one, f"--out={tmp_path / 'o'}", "--cosine-min=2"], "give a cosine bar between 0 and 1"),
+        (["search", *one, f"--out={tmp_path / 'o'}", "--margin=0"], "--margin 0.0: give 1 or more"),
+        (["search", *one, f"--out={tmp_path / 'o'}", "--start=nosuch"], "--start nosuch: unknown precision 'nosuch'"),
+        (["trace", *one, "--wikitext-path=/nonexistent"], "--wikitext-path /nonexistent does not exist"),
+        (["trace"], "give one model (--models NAME) and one backend"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run([*base, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    assert not (tmp_path / "o").exists()
