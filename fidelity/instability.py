@@ -3,6 +3,9 @@
     python -m fidelity.instability trace  --models M --backends B --precisions P [--out DIR]
         every block's min cosine / max error / non-finite values against FP32, on the
         natural-text and seeded inputs: the first non-finite block, the first block below the bar
+    python -m fidelity.instability nan-rates --models M --backends B --precisions fp16,hybrid [--samples N]
+        the share of samples with a non-finite output (and block output) per input source, with 95%
+        intervals, and whether natural text overflows more often than random tokens (fidelity.nan_rates)
     python -m fidelity.instability search --models M --backends B --start fp16 --out DIR
         the smallest FP32-keep policy (fidelity.policy_search): DIR/policy.json (a policy
         file every backend takes: --precisions file:DIR/policy.json), DIR/search.json, DIR/search.md
@@ -15,6 +18,7 @@ and ``--random-batches`` seeded uniform-random token batches of the same shapes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -63,14 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     # One engine at a time: the engine options without the ones that choose several or spread them over workers.
     options = tuple(o for o in ENGINE_OPTIONS if o.dest != "gpus")
-    for name, text in (("trace", "block-by-block divergence from FP32"), ("search", "the smallest FP32-keep policy")):
+    for name, text in (("trace", "block-by-block divergence from FP32"), ("search", "the smallest FP32-keep policy"),
+                       ("nan-rates", "non-finite rates by input source")):
         p = sub.add_parser(name, help=text)
-        add_options(p.add_argument, tuple(o for o in options if name == "trace" or o.dest != "precisions"))
+        add_options(p.add_argument, tuple(o for o in options if name != "search" or o.dest != "precisions"))
         p.add_argument("--wikitext-path", type=Path,
                        help="WikiText-2 (parquet, json/jsonl or raw text, as the tests take it); default: the bundled prose")
         p.add_argument("--random-batches", type=int, default=2, help="seeded uniform-random token batches (default 2)")
         p.add_argument("--out", type=Path, help="folder for the results (JSON and Markdown)")
         p.add_argument("--cosine-min", type=float, default=0.9998, help="the bar (default 0.9998, the published one)")
+    rates = sub.choices["nan-rates"]
+    rates.add_argument("--samples", type=int, default=64, help="samples (rows) per input source (default 64)")
+    rates.add_argument("--seq-len", type=int, default=128, help="sequence length of the random and text inputs (default 128)")
     search = sub.choices["search"]
     search.add_argument("--start", default="fp16", help="the low-precision policy to start from (default fp16)")
     search.add_argument("--margin", type=float, default=2.0,
@@ -107,6 +115,8 @@ def _check(args: argparse.Namespace) -> None:
         raise OptionError("--random-batches must be >= 0")
     if not 0 < args.cosine_min < 1:
         raise OptionError(f"--cosine-min {args.cosine_min}: give a cosine bar between 0 and 1, such as 0.9998")
+    if args.command == "nan-rates" and (args.samples < 1 or args.seq_len < 2):
+        raise OptionError("--samples must be >= 1 and --seq-len >= 2")
     if args.command == "search":
         if args.out is None:
             raise OptionError("--out DIR is required: the found policy file and the search report go there")
@@ -150,6 +160,63 @@ def _trace(args, selection) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out / "trace.json", json.dumps(results, indent=2) + "\n")
         atomic_write_text(args.out / "trace.md", text)
+    factory.close()
+    return 0
+
+
+def _nan_rates(args, selection) -> int:
+    from engines.factory import EngineFactory, EngineSpec
+    from fidelity import nan_rates as nr
+    from fidelity.corpus import load_corpus
+
+    factory = EngineFactory(selection)
+    factory.apply_numerics()
+    model_name, backend = selection.models[0], selection.backends[0]
+    model = factory.model(model_name)
+    seq = min(args.seq_len, model.max_positions)
+    sources = {
+        "random": nr.random_batches(model, samples=args.samples, seq_len=seq, seed=SEED),
+        "hypothesis": nr.hypothesis_batches(model, samples=args.samples, max_seq=seq),
+    }
+    if model.tokenizer is not None:
+        sources["text"] = nr.text_batches(model, load_corpus(args.wikitext_path)[0], samples=args.samples, seq_len=seq)
+    for kind in ("stress-padding", "stress-repeat", "stress-max"):
+        sources[kind] = nr.stress_batches(model, kind, samples=max(4, args.samples // 4), seq_len=seq, seed=SEED)
+    reference = factory.reference(model_name)
+    results, rows, verdicts = [], [], []
+    for precision in selection.precisions:
+        engine = factory.build(EngineSpec(model_name, backend, precision))
+        rates = {name: nr.measure(engine, reference, batches, name) for name, batches in sources.items()}
+        engine.close()
+        for rate in rates.values():
+            low, high = rate.interval()
+            results.append({"engine": engine.name, "weights": model.weights_source, **dataclasses.asdict(rate),
+                            "rate": rate.rate, "ci95": [low, high]})
+            rows.append((engine.name, rate.source, rate.samples, f"{rate.nonfinite_output} ({rate.rate:.1%})",
+                         f"{low:.1%}-{high:.1%}", "-" if rate.nonfinite_intermediate is None else rate.nonfinite_intermediate,
+                         rate.reference_nonfinite))
+        if "text" in rates:
+            r = nr.ratio(rates["text"], rates["random"])
+            verdicts.append((engine.name, f"{r.ratio:.2f}" if r.ratio == r.ratio else "-", f"{r.low:.2f}-{r.high:.2f}",
+                             r.verdict))
+            results.append({"engine": engine.name, "ratio_text_over_random": dataclasses.asdict(r)})
+    lines = [f"# Non-finite rates by input source: {model_name} / {backend} ({model.weights_source})", "",
+             "Share of samples with any NaN/Inf output at a valid position (Wilson 95% interval), samples with a "
+             "non-finite block output, and the FP32 reference's count (the control).", "",
+             render_table(("engine", "source", "samples", "non-finite outputs", "95% interval", "non-finite blocks",
+                           "FP32 reference"), rows, markdown=True), ""]
+    if verdicts:
+        lines += ["Natural text / random tokens, non-finite rate ratio (95% interval, Katz): "
+                  "'random inputs underestimate FP16 NaN rates' is reproduced above 1, refuted at or below 1.", "",
+                  render_table(("engine", "ratio", "95% interval", "verdict"), verdicts, markdown=True), ""]
+    else:
+        lines += [f"No natural-text source: {model_name} has no tokenizer here, so the text/random ratio is not measured.", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / "nan_rates.json", json.dumps(results, indent=2, default=str) + "\n")
+        atomic_write_text(args.out / "nan_rates.md", text)
     factory.close()
     return 0
 
@@ -217,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             selection = _selection(args, args.start, precisions_flag="--start")
         else:
             selection = _selection(args, vars(args).get("precisions") or "fp16", precisions_flag="--precisions")
-        return (_trace if args.command == "trace" else _search)(args, selection)
+        return {"trace": _trace, "search": _search, "nan-rates": _nan_rates}[args.command](args, selection)
     except (*usage_errors(), CorpusError) as exc:
         parser.error(str(exc))
 
