@@ -113,8 +113,8 @@ def load_wikitext_path(path: Path) -> TextCorpus:
         files = [path]
     else:
         raise CorpusError(
-            f"--wikitext-path {path} does not exist: give a WikiText-2 folder or file (parquet, or raw text as "
-            "wiki.test.raw), or leave the option out to use the bundled prose"
+            f"--wikitext-path {path} does not exist: give a WikiText-2 folder or file (parquet, json/jsonl or raw "
+            "text such as wiki.test.raw), or leave the option out to use the bundled prose"
         )
     lines = [line for f in files for line in _read_lines(f)]
     if not any(line.strip() for line in lines):
