@@ -128,14 +128,30 @@ def _check(args: argparse.Namespace) -> None:
         load_corpus(args.wikitext_path)  # a missing or unreadable file is refused now
 
 
-def _trace(args, selection) -> int:
-    from engines.factory import EngineFactory, EngineSpec
-    from fidelity.divergence import trace
+def _open(selection):
+    """The factory (numerics applied), the one model's name, the one backend and the loaded model."""
+    from engines.factory import EngineFactory
 
     factory = EngineFactory(selection)
     factory.apply_numerics()
     model_name, backend = selection.models[0], selection.backends[0]
-    model = factory.model(model_name)
+    return factory, model_name, backend, factory.model(model_name)
+
+
+def _write(args, name: str, results, text: str) -> None:
+    """Print the Markdown; with --out, write it and the JSON as NAME.md and NAME.json."""
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / f"{name}.json", json.dumps(results, indent=2, default=str) + "\n")
+        atomic_write_text(args.out / f"{name}.md", text)
+
+
+def _trace(args, selection) -> int:
+    from engines.factory import EngineSpec
+    from fidelity.divergence import trace
+
+    factory, model_name, backend, model = _open(selection)
     inputs = inputs_for(model, wikitext_path=args.wikitext_path, random_batches=args.random_batches)
     reference = factory.reference(model_name)
     results, lines = [], [f"# Divergence from FP32: {model_name} / {backend} ({model.weights_source})", ""]
@@ -154,25 +170,17 @@ def _trace(args, selection) -> int:
             lines += [f"## {engine.name}, {batch.source} {tuple(batch.shape)}", "", found.compact(), "",
                       render_table(("block", "min cosine", "max abs err", "non-finite"), found.table(), markdown=True), ""]
         engine.close()
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out / "trace.json", json.dumps(results, indent=2) + "\n")
-        atomic_write_text(args.out / "trace.md", text)
+    _write(args, "trace", results, "\n".join(lines))
     factory.close()
     return 0
 
 
 def _nan_rates(args, selection) -> int:
-    from engines.factory import EngineFactory, EngineSpec
+    from engines.factory import EngineSpec
     from fidelity import nan_rates as nr
     from fidelity.corpus import load_corpus
 
-    factory = EngineFactory(selection)
-    factory.apply_numerics()
-    model_name, backend = selection.models[0], selection.backends[0]
-    model = factory.model(model_name)
+    factory, model_name, backend, model = _open(selection)
     seq = min(args.seq_len, model.max_positions)
     sources = {
         "random": nr.random_batches(model, samples=args.samples, seq_len=seq, seed=SEED),
@@ -211,26 +219,17 @@ def _nan_rates(args, selection) -> int:
                   render_table(("engine", "ratio", "95% interval", "verdict"), verdicts, markdown=True), ""]
     else:
         lines += [f"No natural-text source: {model_name} has no tokenizer here, so the text/random ratio is not measured.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out / "nan_rates.json", json.dumps(results, indent=2, default=str) + "\n")
-        atomic_write_text(args.out / "nan_rates.md", text)
+    _write(args, "nan_rates", results, "\n".join(lines))
     factory.close()
     return 0
 
 
 def _search(args, selection) -> int:
     from engines.backends.registry import get_backend
-    from engines.factory import EngineFactory
     from engines.precision.policy import write_policy_file
     from fidelity.policy_search import PolicySearch
 
-    factory = EngineFactory(selection)
-    factory.apply_numerics()
-    model_name, backend = selection.models[0], selection.backends[0]
-    model = factory.model(model_name)
+    factory, model_name, backend, model = _open(selection)
     start = factory.policy(selection.precisions[0])
     runner_cls = get_backend(backend).load()
     inputs = inputs_for(model, wikitext_path=args.wikitext_path, random_batches=args.random_batches)
@@ -254,7 +253,6 @@ def _search(args, selection) -> int:
     record = {**result.as_dict(), "model": model_name, "weights": model.weights_source, "backend": backend,
               "device": factory.device, "inputs": [b.source for b in inputs], "environment": factory.environment(),
               "command": "python -m fidelity.instability " + " ".join(sys.argv[1:])}
-    atomic_write_text(args.out / "search.json", json.dumps(record, indent=2, default=str) + "\n")
     rows = [(i + 1, c.stage, ", ".join(k.describe() for k in c.keeps) or "nothing", f"{c.min_cosine:.7f}", c.nonfinite,
              "pass" if c.passed else "fail", "-" if c.latency_ms is None else f"{c.latency_ms:.3f}")
             for i, c in enumerate(result.path)]
@@ -267,8 +265,7 @@ def _search(args, selection) -> int:
         "(the published hybrid policy keeps softmax, layernorm and elementwise in FP32 everywhere).", "",
         render_table(("#", "stage", "kept in FP32", "min cosine", "non-finite", "verdict", "latency ms"), rows,
                      markdown=True), ""])
-    atomic_write_text(args.out / "search.md", text)
-    print(text)
+    _write(args, "search", record, text)
     factory.close()
     return 0
 
