@@ -6,6 +6,10 @@
     python -m fidelity.instability nan-rates --models M --backends B --precisions fp16,hybrid [--samples N]
         the share of samples with a non-finite output (and block output) per input source, with 95%
         intervals, and whether natural text overflows more often than random tokens (fidelity.nan_rates)
+    python -m fidelity.instability downstream --models M --backends B --precisions fp16,hybrid [--sst2 FILE]
+        what a precision changes downstream (fidelity.downstream): label agreement of a seeded head,
+        nearest-neighbour agreement and similarity rank correlation (BERT family), next-token agreement
+        and KL (GPT-2), on SST-2 sentences (a file, datasets' glue/sst2, else the sample shipped here)
     python -m fidelity.instability search --models M --backends B --start fp16 --out DIR
         the smallest FP32-keep policy (fidelity.policy_search): DIR/policy.json (a policy
         file every backend takes: --precisions file:DIR/policy.json), DIR/search.json, DIR/search.md
@@ -68,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     # One engine at a time: the engine options without the ones that choose several or spread them over workers.
     options = tuple(o for o in ENGINE_OPTIONS if o.dest != "gpus")
     for name, text in (("trace", "block-by-block divergence from FP32"), ("search", "the smallest FP32-keep policy"),
-                       ("nan-rates", "non-finite rates by input source")):
+                       ("nan-rates", "non-finite rates by input source"),
+                       ("downstream", "agreement of what the output is used for, engine against FP32")):
         p = sub.add_parser(name, help=text)
         add_options(p.add_argument, tuple(o for o in options if name != "search" or o.dest != "precisions"))
         p.add_argument("--wikitext-path", type=Path,
@@ -79,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     rates = sub.choices["nan-rates"]
     rates.add_argument("--samples", type=int, default=64, help="samples (rows) per input source (default 64)")
     rates.add_argument("--seq-len", type=int, default=128, help="sequence length of the random and text inputs (default 128)")
+    sub.choices["downstream"].add_argument("--sst2", type=Path,
+                                           help="SST-2 sentences: GLUE's TSV or a parquet with sentence and label "
+                                                "(default: datasets' glue/sst2 where reachable, else the shipped sample)")
     search = sub.choices["search"]
     search.add_argument("--start", default="fp16", help="the low-precision policy to start from (default fp16)")
     search.add_argument("--margin", type=float, default=2.0,
@@ -122,6 +130,10 @@ def _check(args: argparse.Namespace) -> None:
             raise OptionError("--out DIR is required: the found policy file and the search report go there")
         if args.margin < 1:
             raise OptionError(f"--margin {args.margin}: give 1 or more (2: pass at half the bar's error budget)")
+    if args.command == "downstream" and args.sst2 is not None:
+        from fidelity.downstream import load_sst2_file
+
+        load_sst2_file(args.sst2)  # refused now, not after the engines are built
     if args.wikitext_path is not None:
         from fidelity.corpus import load_corpus
 
@@ -224,6 +236,37 @@ def _nan_rates(args, selection) -> int:
     return 0
 
 
+def _downstream(args, selection) -> int:
+    from engines.factory import EngineSpec
+    from fidelity import downstream as ds
+
+    factory, model_name, backend, model = _open(selection)
+    sentences, note = ds.load_sst2(args.sst2)
+    batch = ds.encode(model, sentences.texts)
+    reference = factory.reference(model_name)
+    found = []
+    for precision in selection.precisions:
+        engine = factory.build(EngineSpec(model_name, backend, precision))
+        found.append(ds.agreement(engine, reference, batch, causal=model.spec.causal))
+        engine.close()
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.4f}" if value >= 1e-3 else f"{value:.2e}"
+
+    rows = [(a.engine, fmt(a.label_agreement), fmt(a.nearest_neighbour_agreement), fmt(a.similarity_spearman),
+             fmt(a.next_token_agreement), fmt(a.mean_kl)) for a in found]
+    text = "\n".join([
+        f"# Downstream agreement with FP32: {model_name} / {backend} ({model.weights_source})", "",
+        f"{len(sentences.texts)} sentences: {note}. Label agreement: a seeded two-class linear head on the mean-pooled "
+        "output, engine against FP32 (decision flips; no fine-tuned classifier is reachable here, so no accuracy).", "",
+        render_table(("engine", "label agreement", "nearest-neighbour agreement", "similarity Spearman",
+                      "next-token agreement", "mean KL"), rows, markdown=True), ""])
+    _write(args, "downstream", {"sentences": sentences.name, "note": note, "weights": model.weights_source,
+                                "agreement": [dataclasses.asdict(a) for a in found]}, text)
+    factory.close()
+    return 0
+
+
 def _search(args, selection) -> int:
     from engines.backends.registry import get_backend
     from engines.precision.policy import write_policy_file
@@ -274,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     from fidelity.corpus import CorpusError
+    from fidelity.downstream import DownstreamDataError
 
     try:
         _check(args)
@@ -281,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             selection = _selection(args, args.start, precisions_flag="--start")
         else:
             selection = _selection(args, vars(args).get("precisions") or "fp16", precisions_flag="--precisions")
-        return {"trace": _trace, "search": _search, "nan-rates": _nan_rates}[args.command](args, selection)
-    except (*usage_errors(), CorpusError) as exc:
+        return {"trace": _trace, "search": _search, "nan-rates": _nan_rates, "downstream": _downstream}[args.command](
+            args, selection)
+    except (*usage_errors(), CorpusError, DownstreamDataError) as exc:
         parser.error(str(exc))
 
 

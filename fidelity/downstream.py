@@ -1,0 +1,142 @@
+"""Downstream agreement: does a precision change what the model's output is used for?
+
+* **SST-2** (sentence, label): read from a local file in SST-2's schema (GLUE's TSV with a
+  ``sentence``/``label`` header, or a parquet with those columns, as ``datasets`` caches
+  ``glue/sst2``), else ``datasets.load_dataset("glue", "sst2")`` where it is reachable or
+  cached, else the few sentences this package ships (``fidelity/data/sst2-sample.tsv``).
+  With a fine-tuned sequence-classification checkpoint, accuracy per precision is the
+  measure (not offered yet: no such checkpoint is reachable here); always, the labels of a
+  fixed, seeded two-class linear head on the mean-pooled output are compared between the
+  engine and FP32 (*label agreement*: decision flips, whatever the head means).
+* **Sentence embeddings** (BERT family; minilm is trained for it): top-1 nearest-neighbour
+  agreement and the Spearman rank correlation of all pairwise cosine similarities, engine
+  against FP32, over the sentences.
+* **Next-token** (GPT-2): top-1 agreement and mean KL(FP32 || engine) of the next-token
+  distributions over valid positions.  Perplexity needs trained weights; with random-init
+  weights it says nothing about the language, so these two are the measures.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from engines.batch import TokenBatch
+
+SAMPLE_SST2 = Path(__file__).resolve().parent / "data" / "sst2-sample.tsv"
+HEAD_SEED = 20261126
+
+
+class DownstreamDataError(ValueError):
+    """A labelled-sentences file that is not in SST-2's schema; the message names the file and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sentences:
+    name: str
+    texts: list[str]
+    labels: list[int]
+
+
+def _check(path: Path, texts: list, labels: list) -> Sentences:
+    if not texts:
+        raise DownstreamDataError(f"{path}: no sentences")
+    bad = [label for label in labels if label not in (0, 1)]
+    if bad:
+        raise DownstreamDataError(f"{path}: labels must be 0 or 1 (SST-2), found {bad[:3]}")
+    return Sentences(str(path), [str(t) for t in texts], [int(label) for label in labels])
+
+
+def load_sst2_file(path: Path) -> Sentences:
+    """A TSV with a sentence/label header (GLUE) or a parquet with sentence and label columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise DownstreamDataError(f"{path} does not exist: give an SST-2 file (GLUE's dev.tsv, or a parquet with "
+                                  "sentence and label columns)")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        missing = {"sentence", "label"} - set(table.column_names)
+        if missing:
+            raise DownstreamDataError(f"{path}: no column(s) {sorted(missing)}; SST-2 has sentence and label")
+        return _check(path, table.column("sentence").to_pylist(), table.column("label").to_pylist())
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if not reader.fieldnames or not {"sentence", "label"} <= set(reader.fieldnames):
+            raise DownstreamDataError(f"{path}: the header must name sentence and label (tab-separated), "
+                                      f"found {reader.fieldnames}")
+        rows = list(reader)
+    try:
+        return _check(path, [r["sentence"] for r in rows], [int(r["label"]) for r in rows])
+    except (TypeError, ValueError) as exc:
+        raise DownstreamDataError(f"{path}: a label is not an integer ({exc})") from None
+
+
+def load_sst2(path: Path | None = None) -> tuple[Sentences, str]:
+    """The sentences and a note saying where they came from."""
+    if path is not None:
+        return load_sst2_file(path), f"SST-2 from {path}"
+    try:
+        from datasets import load_dataset
+
+        split = load_dataset("glue", "sst2", split="validation")
+        return Sentences("glue/sst2 validation", list(split["sentence"]), list(split["label"])), "SST-2 (datasets)"
+    except Exception as exc:  # noqa: BLE001 - offline, not cached, or datasets missing: the shipped sample
+        reason = f"{type(exc).__name__}"
+    return load_sst2_file(SAMPLE_SST2), f"SST-2 not reachable ({reason}): the {SAMPLE_SST2.name} sample shipped here"
+
+
+def encode(model, texts: list[str], *, max_len: int = 64) -> TokenBatch:
+    if model.tokenizer is None:
+        raise DownstreamDataError(f"{model.name} has no tokenizer here: sentences cannot be encoded")
+    encoded = model.tokenizer(texts, padding="max_length", truncation=True, max_length=min(max_len, model.max_positions),
+                              return_tensors="pt")
+    return TokenBatch(encoded["input_ids"], encoded["attention_mask"], f"{len(texts)} sentences")
+
+
+def _pooled(output: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    mask = batch.attention_mask.to(output.device)[..., None].to(output.dtype)
+    return (output * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    engine: str
+    label_agreement: float  # seeded two-class head on the mean-pooled output
+    nearest_neighbour_agreement: float | None
+    similarity_spearman: float | None
+    next_token_agreement: float | None = None
+    mean_kl: float | None = None
+
+
+def agreement(engine, reference, batch: TokenBatch, *, causal: bool) -> Agreement:
+    from scipy.stats import spearmanr
+
+    out, ref = engine.infer(batch).double().cpu(), reference.infer(batch).double().cpu()
+    pooled_out, pooled_ref = _pooled(out, batch), _pooled(ref, batch)
+    head = torch.randn(pooled_ref.shape[1], 2, generator=torch.Generator().manual_seed(HEAD_SEED), dtype=torch.float64)
+    labels = (pooled_out @ head).argmax(1) == (pooled_ref @ head).argmax(1)
+    result = {"label_agreement": float(labels.double().mean())}
+    if causal:
+        valid = batch.attention_mask.bool()
+        log_p, log_q = torch.log_softmax(ref, -1)[valid], torch.log_softmax(out, -1)[valid]
+        result["next_token_agreement"] = float((log_p.argmax(-1) == log_q.argmax(-1)).double().mean())
+        result["mean_kl"] = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+        result.update(nearest_neighbour_agreement=None, similarity_spearman=None)
+    else:
+        def sims(x):
+            x = torch.nn.functional.normalize(x, dim=1)
+            s = x @ x.T
+            return s.fill_diagonal_(-math.inf)
+
+        s_out, s_ref = sims(pooled_out), sims(pooled_ref)
+        result["nearest_neighbour_agreement"] = float((s_out.argmax(1) == s_ref.argmax(1)).double().mean())
+        upper = torch.triu_indices(len(s_ref), len(s_ref), offset=1)
+        rho = spearmanr(s_out[upper[0], upper[1]].numpy(), s_ref[upper[0], upper[1]].numpy()).statistic
+        result["similarity_spearman"] = float(rho)
+    return Agreement(engine.name, **result)
