@@ -74,13 +74,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
+def gpu_machine_id(name: str, compute_capability: str) -> str:
+    """The machine id of a GPU from its name and compute capability ("9.0"): ``sm90-NVIDIA_H100_80GB_HBM3``."""
+    return f"sm{compute_capability.replace('.', '')}-{_slug(name)}"
+
+
 def machine_id(device: str) -> str:
     """Where baselines of this machine live: ``sm90-NVIDIA_H100_80GB_HBM3``, or ``cpu-x86_64-<CPU model>``."""
     if device.startswith("cuda"):
         import torch
 
         props = torch.cuda.get_device_properties(torch.device(device))
-        return f"sm{props.major}{props.minor}-{_slug(props.name)}"
+        return gpu_machine_id(props.name, f"{props.major}.{props.minor}")
     return f"cpu-{platform.machine()}-{_slug(cpu_model())}"
 
 

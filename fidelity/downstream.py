@@ -114,10 +114,11 @@ class Agreement:
     mean_kl: float | None = None
 
 
-def agreement(engine, reference, batch: TokenBatch, *, causal: bool) -> Agreement:
+def agreement(engine, reference_output: torch.Tensor, batch: TokenBatch, *, causal: bool) -> Agreement:
+    """``engine`` on ``batch`` against the FP32 reference's output for it (computed once by the caller)."""
     from scipy.stats import spearmanr
 
-    out, ref = engine.infer(batch).double().cpu(), reference.infer(batch).double().cpu()
+    out, ref = engine.infer(batch).double().cpu(), reference_output.double().cpu()
     pooled_out, pooled_ref = _pooled(out, batch), _pooled(ref, batch)
     head = torch.randn(pooled_ref.shape[1], 2, generator=torch.Generator().manual_seed(HEAD_SEED), dtype=torch.float64)
     labels = (pooled_out @ head).argmax(1) == (pooled_ref @ head).argmax(1)

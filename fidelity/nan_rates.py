@@ -93,20 +93,23 @@ def _sample_flags(runner, batch: TokenBatch, *, blocks: bool) -> tuple[list[bool
     return out_flags, [bool(x) for x in inner.tolist()]
 
 
-def measure(engine, reference, batches: Sequence[TokenBatch], source: str) -> Rate:
-    """The rate of one engine on one source's batches, the FP32 reference's count beside it."""
-    outputs, inners, reference_bad, samples, exposed = 0, 0, 0, 0, True
+def reference_samples(reference, batches: Sequence[TokenBatch]) -> int:
+    """Samples whose FP32 reference output is non-finite: the control, computed once per source."""
+    return sum(sum(_sample_flags(reference, batch, blocks=False)[0]) for batch in batches)
+
+
+def measure(engine, batches: Sequence[TokenBatch], source: str, *, reference_nonfinite: int) -> Rate:
+    """The rate of one engine on one source's batches, with the reference's count (:func:`reference_samples`)."""
+    outputs, inners, samples, exposed = 0, 0, 0, True
     for batch in batches:
         out, inner = _sample_flags(engine, batch, blocks=True)
-        ref_out, _ = _sample_flags(reference, batch, blocks=False)
         samples += len(out)
         outputs += sum(out)
-        reference_bad += sum(ref_out)
         if inner is None:
             exposed = False
         else:
             inners += sum(inner)
-    return Rate(source, samples, outputs, inners if exposed else None, reference_bad)
+    return Rate(source, samples, outputs, inners if exposed else None, reference_nonfinite)
 
 
 # --- the inputs ---------------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ import torch
 
 from engines.batch import TokenBatch
 from engines.precision.policy import FLOAT32, OP_CLASSES, Override, PrecisionPolicy, op_class_of_module
+from fidelity.metrics import PUBLISHED_COSINE_MIN, CompareContext, Tolerance, compare_outputs
 
-DEFAULT_BAR = 0.9998
+DEFAULT_BAR = PUBLISHED_COSINE_MIN
 DEFAULT_MARGIN = 2.0
 # Where a policy can give the softmax its own dtype: the attention modules (their path reaches the kernel).
 _ATTENTION_PATH = re.compile(r"(?:attention\.self|\.attn)$")
@@ -151,19 +152,20 @@ class PolicySearch:
         if key in self._seen:
             return self._seen[key]
         started = time.perf_counter()
-        runner = self.build(policy_with(self.start, keeps, name=f"search-{len(self.path)}"))
+        policy = policy_with(self.start, keeps, name=f"search-{len(self.path)}")
+        runner = self.build(policy)
         try:
-            worst, nonfinite = 1.0, 0
-            for batch, reference in zip(self.inputs, self.references):
-                output = runner.infer(batch).float()
-                valid = batch.attention_mask.to(output.device).bool()
-                nonfinite += int((~torch.isfinite(output[valid])).sum())
-                out = (output * valid[..., None]).flatten(1).double()
-                ref = (reference.to(output.device) * valid[..., None]).flatten(1).double()
-                cosines = torch.nn.functional.cosine_similarity(out, ref, dim=1, eps=1e-12)
-                finite = bool(torch.isfinite(cosines).all())
-                worst = min(worst, float(cosines.min())) if finite and not math.isnan(worst) else math.nan
-            passed = nonfinite == 0 and not math.isnan(worst) and worst >= self.threshold
+            # The suite's own comparison (fidelity.metrics), held to the search's threshold.
+            tolerance = Tolerance(self.threshold, source=f"policy search: bar {self.bar}, margin {self.margin:g}")
+            results = [
+                compare_outputs(runner.infer(batch), reference.to(runner.device), batch,
+                                CompareContext(self.model.name, runner.backend, policy.name, str(runner.device),
+                                               batch.source), tolerance)
+                for batch, reference in zip(self.inputs, self.references)
+            ]
+            worst = min((r.min_cosine for r in results), key=lambda c: (not math.isnan(c), c))
+            nonfinite = sum(r.nan_count + r.inf_count for r in results)
+            passed = all(r.passed for r in results)
             latency = self.time_engine(runner, self.inputs[0]) if self.time_engine else None
         finally:
             runner.close()

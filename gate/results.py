@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any
+
+from engines.env import gpu_machine_id
 
 FIDELITY_FILE = "fidelity.json"
 PERF_FILE = "perf.json"
@@ -25,10 +26,6 @@ STACK_KEYS = ("machine_id", "gpu", "driver", "cuda", "torch", "transformers", "o
 
 class ResultSetError(ValueError):
     """A result set the gate cannot use as asked; the message names the file, the reason and the fix."""
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -56,7 +53,7 @@ def fidelity_stack(report: dict[str, Any]) -> dict[str, Any]:
     env = report.get("environment") or {}
     machine = env.get("machine_id")
     if machine is None and env.get("gpu_name") and env.get("compute_capability"):
-        machine = f"sm{env['compute_capability'].replace('.', '')}-{_slug(env['gpu_name'])}"
+        machine = gpu_machine_id(env["gpu_name"], env["compute_capability"])
     runtimes = env.get("runtimes") or {}
     return {
         "machine_id": machine, "gpu": env.get("gpu_name"), "driver": env.get("driver"), "cuda": env.get("cuda_runtime"),

@@ -43,7 +43,7 @@ def sentences():
 
 def test_fp32_agrees_with_itself_and_a_perturbed_engine_does_not(tiny_bert, sentences):
     batch = ds.encode(tiny_bert, sentences.texts)
-    reference = TorchReferenceRunner(tiny_bert, REFERENCE_POLICY, "cpu").build()
+    reference = TorchReferenceRunner(tiny_bert, REFERENCE_POLICY, "cpu").build().infer(batch)
     same = ds.agreement(TorchRunner(tiny_bert, get_policy("fp32"), "cpu").build(), reference, batch, causal=False)
     assert same.label_agreement == 1.0 and same.nearest_neighbour_agreement == 1.0
     assert same.similarity_spearman == pytest.approx(1.0, abs=1e-9)
@@ -54,7 +54,7 @@ def test_fp32_agrees_with_itself_and_a_perturbed_engine_does_not(tiny_bert, sent
 
 def test_next_token_agreement_and_kl_for_a_causal_model(tiny_gpt2, sentences):
     batch = ds.encode(tiny_gpt2, sentences.texts)
-    reference = TorchReferenceRunner(tiny_gpt2, REFERENCE_POLICY, "cpu").build()
+    reference = TorchReferenceRunner(tiny_gpt2, REFERENCE_POLICY, "cpu").build().infer(batch)
     same = ds.agreement(TorchRunner(tiny_gpt2, get_policy("fp32"), "cpu").build(), reference, batch, causal=True)
     assert same.next_token_agreement == 1.0 and same.mean_kl == pytest.approx(0.0, abs=1e-9)
     bf16 = ds.agreement(TorchRunner(tiny_gpt2, get_policy("bf16"), "cpu").build(), reference, batch, causal=True)
