@@ -70,12 +70,13 @@ class DivergenceTrace:
         return [(b.name, f"{b.min_cosine:.7f}", f"{b.max_abs_err:.3g}", str(b.nonfinite)) for b in self.blocks]
 
 
-def _valid(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``tensor`` with padded positions zeroed, when its leading dims are (batch, sequence)."""
+def valid_positions(tensor: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask broadcastable to ``tensor``: the batch's valid positions where its leading dims are
+    (batch, sequence), else everything (a tensor of another layout)."""
+    mask = attention_mask.to(tensor.device).bool()
     if tensor.dim() >= 2 and tuple(tensor.shape[:2]) == tuple(mask.shape):
-        shape = (*mask.shape, *([1] * (tensor.dim() - 2)))
-        return tensor * mask.reshape(shape).to(tensor.dtype)
-    return tensor
+        return mask.reshape(*mask.shape, *([1] * (tensor.dim() - 2)))
+    return torch.ones((), dtype=torch.bool, device=tensor.device)
 
 
 def compare_blocks(engine: list[tuple[str, torch.Tensor]], reference: list[tuple[str, torch.Tensor]],
@@ -88,24 +89,17 @@ def compare_blocks(engine: list[tuple[str, torch.Tensor]], reference: list[tuple
             missing.append(name)
             continue
         out = out.to(ref.device)
-        mask = batch.attention_mask.to(ref.device)
-        valid = mask.bool() if out.dim() >= 2 and tuple(out.shape[:2]) == tuple(mask.shape) else None
-        nonfinite_mask = ~torch.isfinite(out)
-        ref_nonfinite_mask = ~torch.isfinite(ref)
-        if valid is not None:
-            shape = (*mask.shape, *([1] * (out.dim() - 2)))
-            nonfinite_mask = nonfinite_mask & valid.reshape(shape)
-            ref_nonfinite_mask = ref_nonfinite_mask & valid.reshape(shape)
-        out_v, ref_v = _valid(out, mask), _valid(ref, mask)
-        flat_out, flat_ref = out_v.reshape(out.shape[0], -1).double(), ref_v.reshape(ref.shape[0], -1).double()
+        valid = valid_positions(ref, batch.attention_mask)
+        flat_out = (out * valid).reshape(out.shape[0], -1).double()  # padded positions zeroed in both
+        flat_ref = (ref * valid).reshape(ref.shape[0], -1).double()
         cosines = torch.nn.functional.cosine_similarity(flat_out, flat_ref, dim=1, eps=1e-12)
         err = (flat_out - flat_ref).abs()
         blocks.append(BlockDivergence(
             name=name,
             min_cosine=float("nan") if torch.isnan(cosines).any() else float(cosines.min()),
             max_abs_err=float(err[torch.isfinite(err)].max()) if torch.isfinite(err).any() else float("nan"),
-            nonfinite=int(nonfinite_mask.sum()),
-            reference_nonfinite=int(ref_nonfinite_mask.sum()),
+            nonfinite=int((~torch.isfinite(out) & valid).sum()),
+            reference_nonfinite=int((~torch.isfinite(ref) & valid).sum()),
         ))
     return DivergenceTrace(engine_name, bar, blocks, missing)
 

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from engines.batch import TokenBatch
+from fidelity.divergence import valid_positions
 
 Z95 = 1.959963984540054
 SOURCES = ("random", "hypothesis", "text", "stress-padding", "stress-repeat", "stress-max")
@@ -79,17 +80,16 @@ def ratio(text: Rate, random: Rate) -> RateRatio:
 def _sample_flags(runner, batch: TokenBatch, *, blocks: bool) -> tuple[list[bool], list[bool] | None]:
     """Per row, at valid positions: any non-finite output; any non-finite block output (None where not exposed)."""
     output = runner.infer(batch)
-    valid = batch.attention_mask.to(output.device).bool()
-    bad = (~torch.isfinite(output)) & valid[..., None]
+    bad = ~torch.isfinite(output) & valid_positions(output, batch.attention_mask)
     out_flags = [bool(x) for x in bad.flatten(1).any(dim=1).tolist()]
     intermediates = runner.intermediates(batch) if blocks else None
     if intermediates is None:
         return out_flags, None
     inner = torch.zeros(len(out_flags), dtype=torch.bool)
     for _, tensor in intermediates:
-        if tensor.dim() >= 2 and tuple(tensor.shape[:2]) == tuple(batch.shape):
-            mask = valid.to(tensor.device).reshape(*batch.shape, *([1] * (tensor.dim() - 2)))
-            inner |= ((~torch.isfinite(tensor)) & mask).flatten(1).any(dim=1).cpu()
+        if tensor.dim() >= 2 and tuple(tensor.shape[:2]) == tuple(batch.shape):  # per-sample block outputs only
+            bad = ~torch.isfinite(tensor) & valid_positions(tensor, batch.attention_mask)
+            inner |= bad.flatten(1).any(dim=1).cpu()
     return out_flags, [bool(x) for x in inner.tolist()]
 
 
