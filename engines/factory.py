@@ -22,7 +22,7 @@ from engines.env import environment_info
 from engines.models import LoadedModel, ModelLoader
 from engines.numerics import configure_process, record
 from engines.options import EngineSelection
-from engines.perturb import perturbed
+from engines.perturb import PerturbationError, check_parameter, perturbed
 from engines.precision.policy import REFERENCE_POLICY, PrecisionPolicy, get_policy
 
 
@@ -67,6 +67,19 @@ class EngineFactory:
     def specs(self) -> list[EngineSpec]:
         s = self.selection
         return [EngineSpec(m, b, p) for m in s.models for b in s.backends for p in s.precisions]
+
+    def check_perturbations(self) -> None:
+        """Every ``--perturb-weight`` matches a selected engine and names a parameter of its model (the models
+        it applies to are loaded now): a typo is a usage error at start-up, not a failed build later."""
+        for perturbation in self.selection.perturbations:
+            specs = [spec for spec in self.specs() if perturbation.matches(spec.id)]
+            if not specs:
+                raise PerturbationError(
+                    f"--perturb-weight {perturbation.record()}: the pattern matches none of the selected engines "
+                    f"({', '.join(spec.id for spec in self.specs())})"
+                )
+            for model_name in dict.fromkeys(spec.model for spec in specs):
+                check_parameter(self.model(model_name), perturbation)
 
     def policy(self, precision: str) -> PrecisionPolicy:
         """A selected precision's policy; a built-in one (the CPU baseline's fp32) even when not selected."""

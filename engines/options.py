@@ -39,7 +39,8 @@ def usage_errors() -> tuple[type[Exception], ...]:
     from engines.env import DeviceUnavailableError
     from engines.models import ModelLoadError, UnknownModelError
 
-    return (OptionError, PolicyError, UnknownModelError, UnknownBackendError, DeviceUnavailableError, ModelLoadError)
+    return (OptionError, PolicyError, UnknownModelError, UnknownBackendError, DeviceUnavailableError, ModelLoadError,
+            PerturbationError)
 
 
 @dataclasses.dataclass(frozen=True)

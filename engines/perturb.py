@@ -56,8 +56,8 @@ def parse_perturbation(item: str) -> WeightPerturbation:
     return WeightPerturbation(pattern, parameter, factor)
 
 
-def perturbed(model, perturbation: WeightPerturbation):
-    """A copy of ``model`` (engines.models.LoadedModel) whose ``parameter`` is scaled; the original is untouched."""
+def check_parameter(model, perturbation: WeightPerturbation) -> None:
+    """``perturbation`` names a parameter of ``model`` (engines.models.LoadedModel); PerturbationError otherwise."""
     if model.module is None:
         raise PerturbationError(f"--perturb-weight {perturbation.record()}: {model.name} is an ONNX graph, not a module")
     names = dict(model.module.named_parameters())
@@ -67,6 +67,11 @@ def perturbed(model, perturbation: WeightPerturbation):
             f"--perturb-weight {perturbation.record()}: {model.name} has no parameter {perturbation.parameter!r}"
             + (f"; did you mean {', '.join(close)}?" if close else "")
         )
+
+
+def perturbed(model, perturbation: WeightPerturbation):
+    """A copy of ``model`` (engines.models.LoadedModel) whose ``parameter`` is scaled; the original is untouched."""
+    check_parameter(model, perturbation)
     module = copy.deepcopy(model.module)
     dict(module.named_parameters())[perturbation.parameter].data.mul_(perturbation.factor)
     return dataclasses.replace(

@@ -64,7 +64,12 @@ def factory_of(config: pytest.Config) -> EngineFactory:
 def pytest_configure(config: pytest.Config) -> None:
     for name, description in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
-    selection_of(config)  # validate now: errors at start-up, not in the first test
+    selection = selection_of(config)  # validate now: errors at start-up, not in the first test
+    if selection.perturbations:
+        try:
+            factory_of(config).check_perturbations()
+        except usage_errors() as exc:
+            raise pytest.UsageError(str(exc)) from None
     session_start(config)
 
 

@@ -147,6 +147,7 @@ def _open(selection):
     from engines.factory import EngineFactory
 
     factory = EngineFactory(selection)
+    factory.check_perturbations()
     factory.apply_numerics()
     model_name, backend = selection.models[0], selection.backends[0]
     return factory, model_name, backend, factory.model(model_name)

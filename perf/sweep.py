@@ -383,6 +383,7 @@ def parse_run(argv: list[str]) -> tuple[Sweep, str]:
             fidelity=not values.get("no_fidelity"),
         )
         sweep = Sweep(selection, options)
+        sweep.factory.check_perturbations()
     except usage_errors() as exc:
         parser.error(str(exc))
     return sweep, "python -m perf.sweep " + " ".join(argv)

@@ -78,12 +78,18 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], str]:
         return [f"--precisions=hybrid,file:{tmp_path / 'p.json'}"], "does not exist (or is not a file)"
     if case == "gate-unselected":
         return ["--precisions=fp32", "--gate-precisions=hybrid"], "which --precisions does not select"
+    if case == "perturb-unknown-parameter":
+        return ["--perturb-weight=tiny-bert/*=encoder.layer.0.output.dense.weigth:1.1"], \
+            "did you mean encoder.layer.0.output.dense.weight"
+    if case == "perturb-matches-nothing":
+        return ["--perturb-weight=minilm/*=encoder.layer.0.output.dense.weight:1.1"], "matches none of the selected engines"
     raise AssertionError(case)
 
 
 BAD_INPUTS = [
     "truncated-weights", "wikitext-missing", "wikitext-empty", "wikitext-garbage-parquet", "engine-cache-is-a-file",
-    "report-is-a-folder", "empty-models", "missing-policy-file", "gate-unselected",
+    "report-is-a-folder", "empty-models", "missing-policy-file", "gate-unselected", "perturb-unknown-parameter",
+    "perturb-matches-nothing",
 ]
 
 
