@@ -6,7 +6,9 @@ A model comes, in this order, from a local directory the user names
 cache), or, where none of those is reachable, is built from its real config with
 seeded random weights.  The last is labelled ``random-init`` in every report line:
 it has the right shapes and op mix for latency and for most numerics, but not the
-activation outliers of trained weights.
+activation outliers of trained weights.  ``--weights stress`` plants the published
+outlier structure into the random-init bert-base and gpt2 (:mod:`engines.stress`),
+labelled ``stress(...)``: a model for studying overflow, never a trained result.
 
 Weights load from safetensors only (``use_safetensors=True``) and never with
 ``trust_remote_code``; a directory with pickle-only weights is refused.
@@ -30,7 +32,7 @@ from torch import nn
 
 from engines.env import env_flag
 
-WEIGHTS_MODES = ("auto", "pretrained", "random")
+WEIGHTS_MODES = ("auto", "pretrained", "random", "stress")
 BERT_WORDPIECE_SIZE = 30522  # bert-base-uncased's vocabulary, the stand-in tokenizer's ids
 RANDOM_INIT_SEED = 0
 HUB_HOST_DEFAULT = "huggingface.co"
@@ -458,6 +460,11 @@ class ModelLoader:
             return _from_pretrained(spec, path, local_only=True), f"local:{path}", path
         if self.weights_mode == "random":
             return _random_init(spec, self.seed), f"random-init(seed={self.seed})", None
+        if self.weights_mode == "stress":  # published outliers planted into the random-init model (engines.stress)
+            from engines.stress import plant, recipe_for
+
+            recipe = recipe_for(spec.name)
+            return plant(_random_init(spec, self.seed), recipe, seed=self.seed), recipe.label(self.seed), None
 
         tried: list[str] = []
         package_dir = package_model_dir(spec)

@@ -177,7 +177,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "--weights",
-        "auto: pretrained where reachable, else random-init; pretrained: fail without; random: always random-init",
+        "auto: pretrained where reachable, else random-init; pretrained: fail without; random: always random-init; "
+        "stress: random-init with the published outlier structure planted (bert-base, gpt2 only; engines.stress)",
         default="auto",
         choices=WEIGHTS_MODES,
     ),
@@ -354,6 +355,17 @@ class EngineSelection:
             weights_mode = given("weights")
             if weights_mode not in WEIGHTS_MODES:
                 raise OptionError(f"--weights must be one of {', '.join(WEIGHTS_MODES)}, got {weights_mode!r}")
+            if weights_mode == "stress":
+                from engines.stress import StressError, recipe_for
+
+                for name in models:
+                    try:
+                        recipe_for(name)
+                    except StressError as exc:
+                        raise OptionError(str(exc)) from None
+                    if name in (values.get("model_path") and parse_model_paths(values["model_path"]) or {}):
+                        raise OptionError(f"--weights stress plants outliers into random-init weights, but --model-path "
+                                          f"gives {name} its own: drop one of them")
             return cls(
                 models=models,
                 policies=policies,

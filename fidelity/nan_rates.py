@@ -40,6 +40,7 @@ class Rate:
     nonfinite_output: int
     nonfinite_intermediate: int | None  # None: the backend exposes no block outputs
     reference_nonfinite: int
+    below_bar: int | None = None  # samples whose cosine against FP32 is below the bar or not finite (None: not asked)
 
     def interval(self, count: int | None = None) -> tuple[float, float]:
         from scipy.stats import binomtest
@@ -77,9 +78,9 @@ def ratio(text: Rate, random: Rate) -> RateRatio:
     return RateRatio(value, low, high, verdict)
 
 
-def _sample_flags(runner, batch: TokenBatch, *, blocks: bool) -> tuple[list[bool], list[bool] | None]:
+def _sample_flags(runner, batch: TokenBatch, *, blocks: bool, output=None) -> tuple[list[bool], list[bool] | None]:
     """Per row, at valid positions: any non-finite output; any non-finite block output (None where not exposed)."""
-    output = runner.infer(batch)
+    output = runner.infer(batch) if output is None else output
     bad = ~torch.isfinite(output) & valid_positions(output, batch.attention_mask)
     out_flags = [bool(x) for x in bad.flatten(1).any(dim=1).tolist()]
     intermediates = runner.intermediates(batch) if blocks else None
@@ -98,18 +99,39 @@ def reference_samples(reference, batches: Sequence[TokenBatch]) -> int:
     return sum(sum(_sample_flags(reference, batch, blocks=False)[0]) for batch in batches)
 
 
-def measure(engine, batches: Sequence[TokenBatch], source: str, *, reference_nonfinite: int) -> Rate:
-    """The rate of one engine on one source's batches, with the reference's count (:func:`reference_samples`)."""
-    outputs, inners, samples, exposed = 0, 0, 0, True
-    for batch in batches:
-        out, inner = _sample_flags(engine, batch, blocks=True)
+def _below_bar(engine, output, reference_output, batch: TokenBatch, bar: float) -> int:
+    """Samples whose cosine against FP32 (the suite's comparison, fidelity.metrics) is below ``bar`` or not finite."""
+    from fidelity.metrics import CompareContext, Tolerance, compare_outputs
+
+    model = engine.model
+    context = CompareContext(model.name, engine.backend, engine.policy.name, str(output.device), batch.source,
+                             model.tokenizer_source, model.weights_source)
+    cosines = compare_outputs(output, reference_output.to(output.device), batch, context,
+                              Tolerance(cosine_min=bar)).cosines
+    return sum(1 for c in cosines if not c >= bar)
+
+
+def measure(engine, batches: Sequence[TokenBatch], source: str, *, reference_nonfinite: int,
+            references: Sequence[torch.Tensor] | None = None, bar: float | None = None) -> Rate:
+    """The rate of one engine on one source's batches, with the reference's count (:func:`reference_samples`).
+
+    With ``references`` (the FP32 outputs of ``batches``) and ``bar``, also the samples below the cosine bar:
+    an overflow that zeroes a LayerNorm is wrong without being non-finite.
+    """
+    outputs, inners, samples, exposed, below = 0, 0, 0, True, 0
+    for index, batch in enumerate(batches):
+        output = engine.infer(batch)
+        out, inner = _sample_flags(engine, batch, blocks=True, output=output)
+        if references is not None and bar is not None:
+            below += _below_bar(engine, output, references[index], batch, bar)
         samples += len(out)
         outputs += sum(out)
         if inner is None:
             exposed = False
         else:
             inners += sum(inner)
-    return Rate(source, samples, outputs, inners if exposed else None, reference_nonfinite)
+    return Rate(source, samples, outputs, inners if exposed else None, reference_nonfinite,
+                below if references is not None and bar is not None else None)
 
 
 # --- the inputs ---------------------------------------------------------------------------------------
