@@ -363,7 +363,7 @@ class EngineSelection:
                         recipe_for(name)
                     except StressError as exc:
                         raise OptionError(str(exc)) from None
-                    if name in (values.get("model_path") and parse_model_paths(values["model_path"]) or {}):
+                    if name in {item.partition("=")[0] for item in values.get("model_path") or []}:
                         raise OptionError(f"--weights stress plants outliers into random-init weights, but --model-path "
                                           f"gives {name} its own: drop one of them")
             return cls(
