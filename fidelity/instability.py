@@ -19,8 +19,11 @@
         file every backend takes: --precisions file:DIR/policy.json), DIR/search.json, DIR/search.md
 
 Engine options are the tests' (models, backends, device, weights, engine cache, ...).
-Inputs: the profile's natural-text batches (``--wikitext-path``, else the bundled prose)
-and ``--random-batches`` seeded uniform-random token batches of the same shapes.
+Inputs: the profile's natural-text batches (``--wikitext-path``, else the bundled prose),
+``--random-batches`` seeded uniform-random token batches of the same shapes and, for trace and
+search, ``--hypothesis-samples`` samples of the fidelity tests' Hypothesis strategies (padding,
+special tokens, any length): a policy found without them passed text and random ids on the H100
+and failed the Hypothesis inputs of ``pytest -m fidelity``.
 """
 
 from __future__ import annotations
@@ -51,8 +54,12 @@ SEED = 20261126
 DEFAULT_SHAPES = ((4, 64), (2, 128))
 
 
-def inputs_for(model, *, wikitext_path: Path | None, random_batches: int, shapes=DEFAULT_SHAPES) -> list[TokenBatch]:
+def inputs_for(model, *, wikitext_path: Path | None, random_batches: int, shapes=DEFAULT_SHAPES,
+               hypothesis_samples: int = 0) -> list[TokenBatch]:
+    """Natural-text batches (packed and padded per shape), seeded random ones, and the suite's Hypothesis strategies'
+    batches (derandomized: the same every run), as the fidelity tests draw them."""
     from fidelity.corpus import load_corpus, packed_batch, padded_batch
+    from fidelity.nan_rates import hypothesis_batches
 
     batches: list[TokenBatch] = []
     if model.tokenizer is not None:
@@ -66,6 +73,9 @@ def inputs_for(model, *, wikitext_path: Path | None, random_batches: int, shapes
         batch, seq = shapes[index % len(shapes)]
         ids = torch.randint(0, model.vocab_size, (batch, min(seq, model.max_positions)), generator=generator)
         batches.append(TokenBatch(ids, torch.ones_like(ids), f"seeded random ids #{index} (seed {SEED})"))
+    if hypothesis_samples:
+        longest = min(max(seq for _, seq in shapes), model.max_positions)
+        batches += hypothesis_batches(model, samples=hypothesis_samples, max_seq=longest)
     return batches
 
 
@@ -85,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--wikitext-path", type=Path,
                        help="WikiText-2 (parquet, json/jsonl or raw text, as the tests take it); default: the bundled prose")
         p.add_argument("--random-batches", type=int, default=2, help="seeded uniform-random token batches (default 2)")
+        if name in ("trace", "search"):
+            p.add_argument("--hypothesis-samples", type=int, default=32,
+                           help="samples drawn from the fidelity tests' Hypothesis strategies (derandomized; default 32)")
         p.add_argument("--out", type=Path, help="folder for the results (JSON and Markdown)")
         p.add_argument("--cosine-min", type=float, default=PUBLISHED_COSINE_MIN,
                        help=f"the bar (default {PUBLISHED_COSINE_MIN}, the published one)")
@@ -128,8 +141,8 @@ def _check(args: argparse.Namespace) -> None:
             raise OptionError(f"--out {args.out} is a file; give a folder (it is created if missing)")
         if not args.out.exists():
             check_creatable(args.out, source="--out", fix="give a folder that can be created")
-    if args.random_batches < 0:
-        raise OptionError("--random-batches must be >= 0")
+    if args.random_batches < 0 or vars(args).get("hypothesis_samples", 0) < 0:
+        raise OptionError("--random-batches and --hypothesis-samples must be >= 0")
     if not 0 < args.cosine_min < 1:
         raise OptionError(f"--cosine-min {args.cosine_min}: give a cosine bar between 0 and 1, such as 0.9998")
     if args.command == "nan-rates" and (args.samples < 1 or args.seq_len < 2):
@@ -174,7 +187,8 @@ def _trace(args, selection) -> int:
     from fidelity.divergence import trace
 
     factory, model_name, backend, model = _open(selection)
-    inputs = inputs_for(model, wikitext_path=args.wikitext_path, random_batches=args.random_batches)
+    inputs = inputs_for(model, wikitext_path=args.wikitext_path, random_batches=args.random_batches,
+                        hypothesis_samples=args.hypothesis_samples)
     reference = factory.reference(model_name)
     results, lines = [], [f"# Divergence from FP32: {model_name} / {backend} ({model.weights_source})", ""]
     for precision in selection.precisions:
@@ -332,7 +346,8 @@ def _search(args, selection) -> int:
     factory, model_name, backend, model = _open(selection)
     start = factory.policy(selection.precisions[0])
     runner_cls = get_backend(backend).load()
-    inputs = inputs_for(model, wikitext_path=args.wikitext_path, random_batches=args.random_batches)
+    inputs = inputs_for(model, wikitext_path=args.wikitext_path, random_batches=args.random_batches,
+                        hypothesis_samples=args.hypothesis_samples)
     time_engine = None
     if factory.device.startswith("cuda"):
         from perf.stats import median
