@@ -119,7 +119,8 @@ class SearchResult:
 
     @property
     def final(self) -> Candidate:
-        return next(c for c in reversed(self.path) if frozenset(c.keeps) == frozenset(self.keeps))
+        return next(c for c in reversed(self.path)
+                    if c.stage != "published hybrid" and frozenset(c.keeps) == frozenset(self.keeps))
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -151,8 +152,15 @@ class PolicySearch:
         key = frozenset(keeps)
         if key in self._seen:
             return self._seen[key]
+        candidate = self.evaluate(stage, policy_with(self.start, keeps, name=f"search-{len(self.path)}"), keeps)
+        self._seen[key] = candidate.passed
+        return candidate.passed
+
+    def evaluate(self, stage: str, policy: PrecisionPolicy, keeps: Sequence[Keep] = ()) -> Candidate:
+        """One policy on the search's inputs, judged and timed as every candidate is; recorded in the path.
+
+        The CLI also puts the published hybrid policy through it, so the report shows it beside the found one."""
         started = time.perf_counter()
-        policy = policy_with(self.start, keeps, name=f"search-{len(self.path)}")
         runner = self.build(policy)
         try:
             # The suite's own comparison (fidelity.metrics), held to the search's threshold.
@@ -171,10 +179,9 @@ class PolicySearch:
             runner.close()
         candidate = Candidate(stage, tuple(keeps), worst, nonfinite, passed, time.perf_counter() - started, latency)
         self.path.append(candidate)
-        self._seen[key] = passed
         self.progress(f"  [{len(self.path):3d}] {stage}: keep {', '.join(k.describe() for k in keeps) or 'nothing'}: "
                       f"min cosine {worst:.7f}, {nonfinite} non-finite -> {'pass' if passed else 'fail'}")
-        return passed
+        return candidate
 
     def run(self) -> SearchResult:
         classes = [Keep(c) for c in OP_CLASSES if self.start.classes[c] != FLOAT32]

@@ -62,6 +62,8 @@ def test_the_command_writes_a_policy_file_that_the_fidelity_suite_runs_on_torch_
     assert found.returncode == 0, found.stdout[-2000:] + found.stderr[-2000:]
     record = json.loads((tmp_path / "out" / "search.json").read_text())
     assert record["algorithm"].startswith("delta debugging") and record["path"][0]["stage"] == "start"
+    hybrid = record["path"][-1]  # the published policy, judged as the candidates were, for the comparison
+    assert hybrid["stage"] == "published hybrid" and hybrid["passed"] and hybrid["min_cosine"] > 0.9999
     policy = tmp_path / "out" / "policy.json"
     run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "fidelity", "fidelity",
                           "--models=tiny-bert", "--backends=torch,onnx-torch", f"--precisions=file:{policy}",
