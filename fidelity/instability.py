@@ -14,6 +14,9 @@
         the outlier statistics of the FP32 model (per block: the top-3 dims of |residual| with value and
         position, the median, the FFN output's top-1) on natural text and random tokens, beside the
         published statistics a stress recipe is calibrated to (engines.stress)
+    python -m fidelity.instability summary DIR
+        DIR/summary.md: one set of tables over every <model>-<weights>/ result folder in DIR
+        (fidelity.instability_report), generated from their JSON
     python -m fidelity.instability search --models M --backends B --start fp16 --out DIR
         the smallest FP32-keep policy (fidelity.policy_search): DIR/policy.json (a policy
         file every backend takes: --precisions file:DIR/policy.json), DIR/search.json, DIR/search.md
@@ -101,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, help="folder for the results (JSON and Markdown)")
         p.add_argument("--cosine-min", type=float, default=PUBLISHED_COSINE_MIN,
                        help=f"the bar (default {PUBLISHED_COSINE_MIN}, the published one)")
+    summary = sub.add_parser("summary", help="one summary over a folder of results")
+    summary.add_argument("folder", type=Path, help="the folder holding <model>-<weights>/ result folders")
     rates = sub.choices["nan-rates"]
     rates.add_argument("--samples", type=int, default=64, help="samples (rows) per input source (default 64)")
     rates.add_argument("--seq-len", type=int, default=128, help="sequence length of the random and text inputs (default 128)")
@@ -395,6 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     from fidelity.corpus import CorpusError
     from fidelity.downstream import DownstreamDataError
 
+    if args.command == "summary":
+        from fidelity.instability_report import summarize
+
+        try:
+            text = summarize(args.folder)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            parser.error(str(exc))
+        atomic_write_text(args.folder / "summary.md", text)
+        print(text)
+        return 0
     try:
         _check(args)
         if args.command == "search":
