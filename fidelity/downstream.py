@@ -4,16 +4,21 @@
   ``sentence``/``label`` header, or a parquet with those columns, as ``datasets`` caches
   ``glue/sst2``), else ``datasets.load_dataset("glue", "sst2")`` where it is reachable or
   cached, else the few sentences this package ships (``fidelity/data/sst2-sample.tsv``).
-  With a fine-tuned sequence-classification checkpoint, accuracy per precision is the
-  measure (not offered yet: no such checkpoint is reachable here); always, the labels of a
-  fixed, seeded two-class linear head on the mean-pooled output are compared between the
-  engine and FP32 (*label agreement*: decision flips, whatever the head means).
+  With a fine-tuned sequence-classification checkpoint (``--model-path NAME=DIR`` of a
+  ``BertForSequenceClassification`` directory and ``--classifier``), **accuracy** per
+  precision: the checkpoint's own pooler and classifier (:class:`ClassifierHead`, read from
+  its safetensors) applied in FP64 to the engine's encoder output, against the gold labels,
+  beside FP32's.  Always, the labels of a fixed, seeded two-class linear head on the
+  mean-pooled output are compared between the engine and FP32 (*label agreement*:
+  decision flips, whatever the head means).
 * **Sentence embeddings** (BERT family; minilm is trained for it): top-1 nearest-neighbour
   agreement and the Spearman rank correlation of all pairwise cosine similarities, engine
   against FP32, over the sentences.
 * **Next-token** (GPT-2): top-1 agreement and mean KL(FP32 || engine) of the next-token
-  distributions over valid positions.  Perplexity needs trained weights; with random-init
-  weights it says nothing about the language, so these two are the measures.
+  distributions over valid positions; with weights from a checkpoint (``--model-path``),
+  also **perplexity** per precision on natural text (WikiText-2 where given, else the bundled
+  prose): exp of the mean next-token NLL over valid positions (:func:`perplexity`).  Random-init
+  and stress weights get no perplexity: of random weights it says nothing about the language.
 """
 
 from __future__ import annotations
@@ -105,6 +110,55 @@ def _pooled(output: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassifierHead:
+    """A fine-tuned BERT sequence classifier's head: pooler (dense + tanh on the first token) and classifier."""
+
+    pooler_weight: torch.Tensor
+    pooler_bias: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    source: str
+
+    KEYS = ("bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias")
+
+    @classmethod
+    def load(cls, folder: Path) -> ClassifierHead:
+        """From a ``BertForSequenceClassification`` directory's safetensors; refused unless it has a 2-label head."""
+        from safetensors import safe_open
+
+        files = sorted(Path(folder).glob("*.safetensors"))
+        found: dict[str, torch.Tensor] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                found.update({key: handle.get_tensor(key) for key in cls.KEYS if key in handle.keys()})
+        missing = [key for key in cls.KEYS if key not in found]
+        if missing:
+            raise DownstreamDataError(
+                f"--classifier: {folder} has no {', '.join(missing)}: give the directory of a fine-tuned "
+                "BertForSequenceClassification (save_pretrained with safetensors) as --model-path NAME=DIR")
+        if found["classifier.weight"].shape[0] != 2:
+            raise DownstreamDataError(f"--classifier: {folder} has {found['classifier.weight'].shape[0]} labels; "
+                                      "SST-2 has 2")
+        return cls(*(found[key].double() for key in cls.KEYS), source=str(folder))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        pooled = torch.tanh(hidden[:, 0].double().cpu() @ self.pooler_weight.T + self.pooler_bias)
+        return pooled @ self.weight.T + self.bias
+
+    def accuracy(self, hidden: torch.Tensor, labels: list[int]) -> float:
+        return float((self.logits(hidden).argmax(1) == torch.tensor(labels)).double().mean())
+
+
+def perplexity(logits: torch.Tensor, batch: TokenBatch) -> float:
+    """exp(mean NLL) of each next token given the ones before, over pairs of valid positions."""
+    log_p = torch.log_softmax(logits.double().cpu()[:, :-1], -1)
+    target = batch.input_ids[:, 1:]
+    valid = batch.attention_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
+    nll = -log_p.gather(-1, target[..., None])[..., 0]
+    return float(torch.exp(nll[valid].mean()))
+
+
+@dataclasses.dataclass(frozen=True)
 class Agreement:
     engine: str
     label_agreement: float  # seeded two-class head on the mean-pooled output
@@ -112,6 +166,8 @@ class Agreement:
     similarity_spearman: float | None
     next_token_agreement: float | None = None
     mean_kl: float | None = None
+    accuracy: float | None = None  # with a fine-tuned classifier's head (ClassifierHead), against the gold labels
+    perplexity: float | None = None  # GPT-2 with checkpoint weights, on natural text
 
 
 def agreement(engine, reference_output: torch.Tensor, batch: TokenBatch, *, causal: bool) -> Agreement:

@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["downstream"].add_argument("--sst2", type=Path,
                                            help="SST-2 sentences: GLUE's TSV or a parquet with sentence and label "
                                                 "(default: datasets' glue/sst2 where reachable, else the shipped sample)")
+    sub.choices["downstream"].add_argument("--classifier", action="store_true",
+                                           help="the model's --model-path DIR is a fine-tuned SST-2 "
+                                                "BertForSequenceClassification: report accuracy with its own head")
     search = sub.choices["search"]
     search.add_argument("--start", default="fp16", help="the low-precision policy to start from (default fp16)")
     search.add_argument("--margin", type=float, default=2.0,
@@ -280,29 +283,62 @@ def _downstream(args, selection) -> int:
     from engines.factory import EngineSpec
     from fidelity import downstream as ds
 
+    head = None
+    if args.classifier:  # checked before anything is built
+        folder = selection.model_paths.get(selection.models[0])
+        if folder is None:
+            raise OptionError(f"--classifier scores the fine-tuned checkpoint of {selection.models[0]}: give it as "
+                              f"--model-path {selection.models[0]}=DIR")
+        head = ds.ClassifierHead.load(folder)
     factory, model_name, backend, model = _open(selection)
+    if head is not None and model.spec.causal:
+        raise OptionError(f"--classifier takes a BERT-family sequence classifier, not {model_name}")
     sentences, note = ds.load_sst2(args.sst2)
     batch = ds.encode(model, sentences.texts)
     reference_output = factory.reference(model_name).infer(batch)  # once, for every precision
+    text = None
+    trained = not (model.is_random_init or model.weights_source.startswith("stress"))
+    if model.spec.causal and trained:  # perplexity on natural text, with the weights a checkpoint brought
+        from fidelity.corpus import load_corpus, packed_batch
+
+        text = packed_batch(load_corpus(args.wikitext_path)[0], model, batch=8, seq_len=min(256, model.max_positions))
+        text_reference = factory.reference(model_name).infer(text)
     found = []
     for precision in selection.precisions:
         engine = factory.build(EngineSpec(model_name, backend, precision))
-        found.append(ds.agreement(engine, reference_output, batch, causal=model.spec.causal))
+        measured = ds.agreement(engine, reference_output, batch, causal=model.spec.causal)
+        if head is not None:
+            measured = dataclasses.replace(measured, accuracy=head.accuracy(engine.infer(batch), sentences.labels))
+        if text is not None:
+            measured = dataclasses.replace(measured, perplexity=ds.perplexity(engine.infer(text), text))
+        found.append(measured)
         engine.close()
 
     def fmt(value):
         return "-" if value is None else f"{value:.4f}" if value >= 1e-3 else f"{value:.2e}"
 
+    fp32 = {"accuracy": head.accuracy(reference_output, sentences.labels) if head is not None else None,
+            "perplexity": ds.perplexity(text_reference, text) if text is not None else None}
     rows = [(a.engine, fmt(a.label_agreement), fmt(a.nearest_neighbour_agreement), fmt(a.similarity_spearman),
-             fmt(a.next_token_agreement), fmt(a.mean_kl)) for a in found]
-    text = "\n".join([
+             fmt(a.next_token_agreement), fmt(a.mean_kl), fmt(a.accuracy), fmt(a.perplexity)) for a in found]
+    rows.append((f"{model_name} FP32 reference", "-", "-", "-", "-", "-", fmt(fp32["accuracy"]), fmt(fp32["perplexity"])))
+    why = []
+    if head is None:
+        why.append("no accuracy: give a fine-tuned SST-2 classifier as --model-path NAME=DIR with --classifier")
+    if model.spec.causal and text is None:
+        why.append(f"no perplexity: {model.weights_source} weights are not a trained model's, so their perplexity says "
+                   "nothing about the language; next-token agreement and KL against FP32 are the measures")
+    text_md = "\n".join([
         f"# Downstream agreement with FP32: {model_name} / {backend} ({model.weights_source})", "",
         f"{len(sentences.texts)} sentences: {note}. Label agreement: a seeded two-class linear head on the mean-pooled "
-        "output, engine against FP32 (decision flips; no fine-tuned classifier is reachable here, so no accuracy).", "",
+        "output, engine against FP32 (decision flips). Accuracy: the fine-tuned classifier's own head against the gold "
+        "labels. Perplexity: natural text, 8 x 256 tokens.", "",
         render_table(("engine", "label agreement", "nearest-neighbour agreement", "similarity Spearman",
-                      "next-token agreement", "mean KL"), rows, markdown=True), ""])
+                      "next-token agreement", "mean KL", "accuracy", "perplexity"), rows, markdown=True), "",
+        *(f"- {line}" for line in why), ""])
     _write(args, "downstream", {"sentences": sentences.name, "note": note, "weights": model.weights_source,
-                                "agreement": [dataclasses.asdict(a) for a in found]}, text)
+                                "fp32": fp32, "classifier": head.source if head is not None else None,
+                                "agreement": [dataclasses.asdict(a) for a in found], "not_measured": why}, text_md)
     factory.close()
     return 0
 

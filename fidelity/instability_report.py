@@ -59,7 +59,8 @@ def _downstream_rows(run: Path) -> list[tuple]:
     if not found:
         return []
     return [(run.name, a["engine"].split("/")[-1], _fmt(a["label_agreement"]), _fmt(a["nearest_neighbour_agreement"]),
-             _fmt(a["similarity_spearman"], 6), _fmt(a["next_token_agreement"]), _fmt(a["mean_kl"], 3))
+             _fmt(a["similarity_spearman"], 6), _fmt(a["next_token_agreement"]), _fmt(a["mean_kl"], 3),
+             _fmt(a.get("accuracy")), _fmt(a.get("perplexity")))
             for a in found["agreement"]]
 
 
@@ -147,8 +148,10 @@ def summarize(folder: Path) -> str:
          ("run", "backend", "precision", "input", "samples", "min cos", "NaN/Inf", "verdict"), collect(_pytest_rows)),
         ("Downstream agreement with FP32",
          "SST-2 sentences: seeded-head label agreement, nearest-neighbour agreement and similarity Spearman (BERT "
-         "family), next-token agreement and mean KL (GPT-2).",
-         ("run", "precision", "label", "nearest neighbour", "Spearman", "next token", "mean KL"),
+         "family), next-token agreement and mean KL (GPT-2); accuracy (a fine-tuned classifier's head) and perplexity "
+         "(checkpoint weights) where the run had them.",
+         ("run", "precision", "label", "nearest neighbour", "Spearman", "next token", "mean KL", "accuracy",
+          "perplexity"),
          collect(_downstream_rows)),
     ]
     lines = [f"# Numerical instability: summary of {folder.name}", "",
