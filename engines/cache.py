@@ -287,9 +287,14 @@ class EngineCache:
             atomic_write_json(index_path, index, sort_keys=True)
 
     def summary(self) -> str:
-        tally: dict[str, int] = {}
-        for event in self.events:
-            tally[event.outcome] = tally.get(event.outcome, 0) + 1
-        seconds = sum(e.seconds for e in self.events)
-        parts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(tally.items())) or "unused"
-        return f"engine cache {self.root}: {parts} ({seconds:.1f} s)"
+        return describe_events(self.root, [(e.outcome, e.seconds) for e in self.events])
+
+
+def describe_events(root, events, *, workers: int = 0) -> str:
+    """One line over (outcome, seconds) cache events: this process's, or (``workers``) every xdist worker's."""
+    tally: dict[str, int] = {}
+    for outcome, _ in events:
+        tally[outcome] = tally.get(outcome, 0) + 1
+    parts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(tally.items())) or "unused"
+    where = f" over {workers} workers" if workers else ""
+    return f"engine cache {root}: {parts} ({sum(seconds for _, seconds in events):.1f} s{where})"

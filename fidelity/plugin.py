@@ -108,8 +108,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         return
     terminalreporter.write_sep("=", "fidelity summary")
     terminalreporter.write_line(session.report.table())
-    if session.factory.cache.events:
-        terminalreporter.write_line(session.factory.cache.summary())
+    merged = session.report.cache_summary()  # pytest-xdist: every worker's cache events
+    if merged or session.factory.cache.events:
+        terminalreporter.write_line(merged or session.factory.cache.summary())
     if session.report.path is not None:
         session.finish()
         terminalreporter.write_line(f"fidelity report: {session.report.path}")

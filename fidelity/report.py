@@ -244,7 +244,15 @@ class FidelityReport:
             record["events"] = list(record.get("events", [])) + [e for c in workers.values() for e in c.get("events", [])]
             record["workers"] = {name: c.get("summary") for name, c in workers.items()}
             record.setdefault("root", next((c.get("root") for c in workers.values() if c.get("root")), None))
+            from engines.cache import describe_events
+
+            record["summary"] = describe_events(record["root"], [(e["outcome"], e["seconds"]) for e in record["events"]],
+                                                workers=len(workers))
         return record
+
+    def cache_summary(self) -> str | None:
+        """The engine cache line of the workers together (pytest-xdist), None without workers."""
+        return self._cache_record().get("summary") if self._shard_data else None
 
     def add_note(self, note: str) -> None:
         if note not in self.notes:

@@ -78,6 +78,9 @@ def test_two_workers_give_a_serial_runs_rows_build_each_engine_once_and_rebuild_
     merged = json.loads(report.read_text())
     assert len(merged["engines"]) == len(json.loads(serial_report.read_text())["engines"])
     assert sorted(merged["engine_cache"]["workers"]) == ["xdist.json.gw0.part", "xdist.json.gw1.part"]
+    # One engine cache line for the workers together, in the report and printed (it said "unused" on the controller).
+    summary = merged["engine_cache"]["summary"]
+    assert "over 2 workers" in summary and "unused" not in summary and summary in proc.stdout
     assert not list(tmp_path.glob("*.part"))  # the shards are merged and gone
     # Each engine on one worker.
     workers = collections.defaultdict(set)
@@ -90,3 +93,29 @@ def test_two_workers_give_a_serial_runs_rows_build_each_engine_once_and_rebuild_
     forced = collections.Counter(e["key"] for e in events if e["outcome"] == "rebuilt-forced")
     assert forced and set(forced.values()) == {1}, forced
     assert {e["key"] for e in events} == set(forced)
+
+
+def test_engines_are_handed_out_in_turn_by_model_and_other_tests_after_them():
+    from engines.workers import interleave_by_model
+
+    scopes = ["bert-base/torch/fp32", "bert-base/onnx-torch/fp32", "bert-base/onnx-torch/fp16", "gpt2/torch/fp32",
+              "gpt2/onnx-torch/fp32", "minilm/torch/fp32", "tests/engines/test_x.py::test_y"]
+    assert interleave_by_model(scopes) == [
+        "bert-base/torch/fp32", "gpt2/torch/fp32", "minilm/torch/fp32", "bert-base/onnx-torch/fp32",
+        "gpt2/onnx-torch/fp32", "bert-base/onnx-torch/fp16", "tests/engines/test_x.py::test_y"]
+    assert sorted(interleave_by_model(scopes)) == sorted(scopes)
+
+
+def test_the_committed_two_gpu_nightly_run_has_one_processs_rows_and_the_times_the_readme_gives():
+    folder = ROOT / "docs" / "results" / "xdist-h100x2"
+    serial, xdist = (rows(folder / "nightly" / f"{mode}.json") for mode in ("serial", "xdist"))
+    assert len(serial) == 315 and set(serial) == set(xdist)
+    for key, row in serial.items():
+        for field in ("samples", "min_cosine", "max_abs_err", "nan_count", "inf_count", "verdict"):
+            assert xdist[key][field] == row[field], (key, field)
+    devices = collections.Counter(row["device"] for row in json.loads((folder / "nightly" / "xdist.json").read_text())["rows"])
+    assert set(devices) == {"cuda:0", "cuda:1"}
+    times = dict(re.findall(r"^(\w+) rc=0 wall ([\d.]+) s", (folder / "nightly" / "times.txt").read_text(), re.M))
+    readme = (folder / "README.md").read_text()
+    assert f"| {times['serial']} s |" in readme and f"| {times['xdist']} s |" in readme
+    assert f"Speedup {float(times['serial']) / float(times['xdist']):.2f}x" in readme
