@@ -3,6 +3,8 @@
     fidelity-gate compare CANDIDATE [--baseline BASELINE]   one verdict (Markdown on stdout, --markdown, --json)
     fidelity-gate save RESULTS --name NAME                    store a complete run as this machine's baseline
     fidelity-gate history HISTORY                             step changes across nightly runs, and their stack change
+    fidelity-gate merge SET [SET ...] --out DIR              shares of one night from several hosts: one result
+                                                              folder per architecture, DIR/<machine id>/
 
 CANDIDATE, BASELINE and RESULTS are result folders (``fidelity.json`` and/or
 ``perf.json``, as ``.ci/nightly`` writes them) or the files themselves.  Without
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True, help="the baseline's name (NNNN_NAME.json)")
     s.add_argument("--baselines", type=Path, help="baselines root (default: $FIDELITY_BASELINES, else ./baselines)")
     s.add_argument("--history", type=Path, help=f"record the refresh here (default: <root>/<machine id>/{HISTORY_FILE})")
+    m = sub.add_parser("merge", help="result folders of several hosts (one share each): one per architecture")
+    m.add_argument("sets", type=Path, nargs="+", help="result folders (each fidelity.json and/or perf.json)")
+    m.add_argument("--out", type=Path, required=True, help="where DIR/<machine id>/ result folders are written")
     h = sub.add_parser("history", help="step changes across a history, with the stack change that coincides")
     h.add_argument("history", type=Path)
     h.add_argument("--min-step", type=float, default=hist.DEFAULT_MIN_STEP,
@@ -111,6 +116,18 @@ def _save(args: argparse.Namespace) -> int:
     return EXIT_PASS
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from gate.merge import merge, write
+
+    merged = merge([ResultSet.load(path) for path in args.sets])
+    write(merged, args.out)
+    rows = [(machine, len(parts["parts"]), len((parts["fidelity"] or {}).get("rows") or []),
+             len((parts["perf"] or {}).get("benchmarks") or []), str(args.out / machine))
+            for machine, parts in merged.items()]
+    print(render_table(("machine id", "result sets", "fidelity rows", "benchmarks", "merged into"), rows, markdown=True))
+    return EXIT_PASS
+
+
 def _history(args: argparse.Namespace) -> int:
     lines = hist.read(args.history)
     points = hist.change_points(lines, min_step=args.min_step)
@@ -137,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"compare": _compare, "save": _save, "history": _history}[args.command](args)
+        return {"compare": _compare, "save": _save, "history": _history, "merge": _merge}[args.command](args)
     except ResultSetError as exc:
         print(f"fidelity-gate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,132 @@
+"""Across hosts: result sets that each hold a share of one night's work, merged into one result set per architecture.
+
+The nightly workflow runs one job per GPU architecture and share of the engines (a CI
+matrix); each uploads its result folder.  :func:`merge` groups the sets by machine id and
+combines each group into one set that ``fidelity-gate compare`` and ``save`` take like any
+other: the fidelity rows, engines, skips and cache events of every share, and every share's
+benchmarks.  Refused (:class:`ResultSetError`, naming both sources): a row or benchmark that
+two sets both hold (each share must be its own), sets of one machine id that ran different
+stacks (driver, CUDA, TensorRT, numerics, commit, ...) or other inputs, and mixed report
+schemas.  Each merged file records where its parts came from (``merged_from``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engines.files import atomic_write_text
+from gate.drift import CHECKED_OPTIONS
+from gate.results import FIDELITY_FILE, PERF_FILE, STACK_KEYS, ResultSet, ResultSetError, fidelity_stack, perf_stack
+
+# Options that choose the share (which engines): they may differ between the parts; every other option must not.
+SHARE_OPTIONS = ("models", "backends", "precisions", "policies", "gpus", "device")
+
+
+def _same(parts: Sequence[tuple[str, dict]], what: str, keys: Sequence[str]) -> None:
+    (first_label, first), *rest = parts
+    for label, facts in rest:
+        for key in keys:
+            if facts.get(key) != first.get(key):
+                raise ResultSetError(f"merge: {first_label} and {label} differ in {what} {key} ({first.get(key)!r} vs "
+                                     f"{facts.get(key)!r}): one architecture's shares must run one stack on one input "
+                                     "set; merge only the result folders of one nightly run")
+
+
+def _unique(items, key, what: str, label_of) -> None:
+    seen: dict[Any, str] = {}
+    for item, label in items:
+        k = key(item)
+        if k in seen:
+            raise ResultSetError(f"merge: {what} {k} is in both {seen[k]} and {label}: give each host its own share "
+                                 "of the engines (NIGHTLY_MODELS / NIGHTLY_BACKENDS per matrix job)")
+        seen[k] = label_of(label)
+
+
+def _merge_fidelity(sets: Sequence[ResultSet]) -> dict[str, Any]:
+    reports = [(str(s.fidelity_path), s.fidelity) for s in sets]
+    _same([(label, {"schema_version": r.get("schema_version")}) for label, r in reports], "report", ["schema_version"])
+    _same([(label, fidelity_stack(r)) for label, r in reports], "stack fact", [k for k in STACK_KEYS])
+    options = [(label, r.get("options") or {}) for label, r in reports]
+    _same(options, "option", sorted({k for _, o in options for k in o} - set(SHARE_OPTIONS) | set(CHECKED_OPTIONS)))
+    rows = [(row, label) for label, r in reports for row in r.get("rows") or []]
+    _unique(rows, lambda row: (row["model"], row["backend"], row["precision"], row["input_source"]), "fidelity row",
+            lambda label: label)
+    merged = dict(reports[0][1])
+    merged["rows"] = [row for row, _ in rows]
+    merged["engines"] = {name: e for _, r in reports for name, e in (r.get("engines") or {}).items()}
+    merged["skipped"] = [s for _, r in reports for s in r.get("skipped") or []]
+    merged["notes"] = list(dict.fromkeys(n for _, r in reports for n in r.get("notes") or []))
+    merged["interrupted"] = any(r.get("interrupted") for _, r in reports)
+    merged["started"] = min(r.get("started") or "" for _, r in reports) or None
+    merged["written"] = max(r.get("written") or "" for _, r in reports) or None
+    merged["options"] = dict(merged.get("options") or {})
+    for key in ("models", "backends", "precisions"):
+        values = [v for _, o in options for v in (o.get(key) or [])]
+        merged["options"][key] = list(dict.fromkeys(values))
+    merged["options"]["policies"] = {k: v for _, o in options for k, v in (o.get("policies") or {}).items()}
+    from engines.cache import describe_events
+
+    events = [e for _, r in reports for e in (r.get("engine_cache") or {}).get("events") or []]
+    merged["engine_cache"] = {"root": "one per host", "events": events,
+                              "summary": describe_events("one per host", [(e["outcome"], e["seconds"]) for e in events]),
+                              "hosts": {label: (r.get("engine_cache") or {}).get("summary") for label, r in reports}}
+    merged["merged_from"] = [{"path": label, "command": r.get("command"), "started": r.get("started"),
+                              "written": r.get("written"), "rows": len(r.get("rows") or [])} for label, r in reports]
+    return merged
+
+
+def _merge_perf(sets: Sequence[ResultSet]) -> dict[str, Any]:
+    runs = [(str(s.perf_path), s.perf) for s in sets]
+    _same([(label, perf_stack(r)) for label, r in runs], "stack fact", [k for k in STACK_KEYS])
+    _same([(label, {k: v for k, v in (r.get("fidelity_suite_options") or {}).items() if k != "engines"})
+           for label, r in runs], "perf option",
+          sorted({k for _, r in runs for k in (r.get("fidelity_suite_options") or {}) if k != "engines"}))
+    benchmarks = [(b, label) for label, r in runs for b in r.get("benchmarks") or []]
+    _unique(benchmarks, lambda b: b.get("fullname") or b.get("name"), "benchmark", lambda label: label)
+    merged = dict(runs[0][1])
+    merged["benchmarks"] = [b for b, _ in benchmarks]
+    records = [r.get("fidelity_suite_run") for _, r in runs]
+    if all(records):
+        merged["fidelity_suite_run"] = {
+            **records[0],
+            "selected": sum(int(x.get("selected") or 0) for x in records),
+            "finished": sum(int(x.get("finished") or 0) for x in records),
+            "complete": all(x.get("complete", True) for x in records),
+            "interrupted": any(x.get("interrupted") for x in records),
+        }
+    merged["merged_from"] = [{"path": label, "datetime": r.get("datetime"), "benchmarks": len(r.get("benchmarks") or [])}
+                             for label, r in runs]
+    return merged
+
+
+def merge(sets: Sequence[ResultSet]) -> dict[str, dict[str, Any]]:
+    """{machine id: {"fidelity": report or None, "perf": run or None, "parts": labels}} over every set given."""
+    groups: dict[str, list[ResultSet]] = {}
+    for result in sets:
+        groups.setdefault(result.machine_id, []).append(result)
+    out = {}
+    for machine, members in groups.items():
+        with_fidelity = [m for m in members if m.fidelity is not None]
+        with_perf = [m for m in members if m.perf is not None]
+        out[machine] = {
+            "fidelity": _merge_fidelity(with_fidelity) if with_fidelity else None,
+            "perf": _merge_perf(with_perf) if with_perf else None,
+            "parts": [m.label for m in members],
+        }
+    return out
+
+
+def write(merged: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
+    """One result folder per machine id under ``folder``: ``<machine id>/fidelity.json`` and ``perf.json``."""
+    written = []
+    for machine, parts in merged.items():
+        target = folder / machine
+        target.mkdir(parents=True, exist_ok=True)
+        for name, data in ((FIDELITY_FILE, parts["fidelity"]), (PERF_FILE, parts["perf"])):
+            if data is not None:
+                atomic_write_text(target / name, json.dumps(data, indent=2, default=str) + "\n")
+                written.append(target / name)
+    return written
