@@ -82,6 +82,13 @@ def inputs_for(model, *, wikitext_path: Path | None, random_batches: int, shapes
     return batches
 
 
+def _some(inputs: list[TokenBatch], model) -> list[TokenBatch]:
+    if not inputs:
+        raise OptionError(f"no inputs: {model.name} has no tokenizer here (no natural text) and --random-batches and "
+                          "--hypothesis-samples are 0; give one of them a count")
+    return inputs
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fidelity.instability", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -100,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--random-batches", type=int, default=2, help="seeded uniform-random token batches (default 2)")
         if name in ("trace", "search"):
             p.add_argument("--hypothesis-samples", type=int, default=32,
-                           help="samples drawn from the fidelity tests' Hypothesis strategies (derandomized; default 32)")
+                           help="up to this many samples drawn from the fidelity tests' Hypothesis strategies "
+                                "(derandomized; default 32)")
         p.add_argument("--out", type=Path, help="folder for the results (JSON and Markdown)")
         p.add_argument("--cosine-min", type=float, default=PUBLISHED_COSINE_MIN,
                        help=f"the bar (default {PUBLISHED_COSINE_MIN}, the published one)")
@@ -195,8 +203,8 @@ def _trace(args, selection) -> int:
     from fidelity.divergence import trace
 
     factory, model_name, backend, model = _open(selection)
-    inputs = inputs_for(model, wikitext_path=args.wikitext_path, random_batches=args.random_batches,
-                        hypothesis_samples=args.hypothesis_samples)
+    inputs = _some(inputs_for(model, wikitext_path=args.wikitext_path, random_batches=args.random_batches,
+                              hypothesis_samples=args.hypothesis_samples), model)
     reference = factory.reference(model_name)
     results, lines = [], [f"# Divergence from FP32: {model_name} / {backend} ({model.weights_source})", ""]
     for precision in selection.precisions:
@@ -235,8 +243,9 @@ def _nan_rates(args, selection) -> int:
     for kind in ("stress-padding", "stress-repeat", "stress-max"):
         sources[kind] = nr.stress_batches(model, kind, samples=max(4, args.samples // 4), seq_len=seq, seed=SEED)
     reference = factory.reference(model_name)
-    control = {name: nr.reference_samples(reference, batches) for name, batches in sources.items()}
-    references = {name: [reference.infer(batch) for batch in batches] for name, batches in sources.items()}
+    references = {name: [reference.infer(batch).cpu() for batch in batches] for name, batches in sources.items()}
+    control = {name: nr.nonfinite_samples(outputs, batches) for (name, batches), outputs
+               in zip(sources.items(), references.values())}
     results, rows, verdicts = [], [], []
     for precision in selection.precisions:
         engine = factory.build(EngineSpec(model_name, backend, precision))
@@ -387,8 +396,8 @@ def _search(args, selection) -> int:
     factory, model_name, backend, model = _open(selection)
     start = factory.policy(selection.precisions[0])
     runner_cls = get_backend(backend).load()
-    inputs = inputs_for(model, wikitext_path=args.wikitext_path, random_batches=args.random_batches,
-                        hypothesis_samples=args.hypothesis_samples)
+    inputs = _some(inputs_for(model, wikitext_path=args.wikitext_path, random_batches=args.random_batches,
+                              hypothesis_samples=args.hypothesis_samples), model)
     time_engine = None
     if factory.device.startswith("cuda"):
         from perf.stats import median
@@ -443,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
             text = summarize(args.folder)
         except (FileNotFoundError, NotADirectoryError) as exc:
             parser.error(str(exc))
+        except (ValueError, KeyError, TypeError) as exc:  # a damaged or foreign JSON file in the folder
+            parser.error(f"{args.folder}: a result file is not what the instability commands write "
+                         f"({type(exc).__name__}: {exc}); rerun the command that wrote it")
         atomic_write_text(args.folder / "summary.md", text)
         print(text)
         return 0

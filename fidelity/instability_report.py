@@ -35,22 +35,29 @@ def _runs(folder: Path) -> list[Path]:
 
 
 def _nan_rows(run: Path) -> list[tuple]:
+    """Per engine: text and random counts, the worst stress source, and the text/random ratio of samples below the
+    bar, recomputed from the counts (fidelity.nan_rates.ratio), so the statistic is the code's, not the file's."""
+    from fidelity.nan_rates import Rate, ratio
+
     rates = _load(run / "nan_rates.json") or []
     by = {(r["engine"], r["source"]): r for r in rates if "source" in r}
-    ratios = {(r["engine"], k): r[k] for r in rates for k in ("ratio_text_over_random", "below_bar_ratio_text_over_random")
-              if k in r}
     rows = []
     for engine in dict.fromkeys(r["engine"] for r in rates if "source" in r):
         text, rnd = by.get((engine, TEXT)), by.get((engine, RANDOM))
         stress = [r for (e, s), r in by.items() if e == engine and s.startswith("stress")]
-        worst = max(stress, key=lambda r: (r["below_bar"] or 0) / r["samples"], default=None)
-        verdict = ratios.get((engine, "below_bar_ratio_text_over_random"))
-        cell = lambda r, k: "-" if r is None else f"{r[k]}/{r['samples']}"  # noqa: E731
+        worst = max(stress, key=lambda r: (r.get("below_bar") or 0) / r["samples"], default=None)
+
+        def cell(r, k):
+            return "-" if r is None or r.get(k) is None else f"{r[k]}/{r['samples']}"
+
+        verdict = "-"
+        if text and rnd and text.get("below_bar") is not None and rnd.get("below_bar") is not None:
+            found = ratio(*(Rate(r["source"], r["samples"], r["below_bar"], None, 0) for r in (text, rnd)))
+            verdict = f"{_fmt(found.ratio, 3)} [{_fmt(found.low, 3)}, {_fmt(found.high, 3)}] {found.verdict}"
         rows.append((run.name, engine.split("/")[-1], cell(text, "nonfinite_output"), cell(rnd, "nonfinite_output"),
                      cell(text, "below_bar"), cell(rnd, "below_bar"),
-                     "-" if not worst or not worst["below_bar"] else f"{worst['source']} {worst['below_bar']}/{worst['samples']}",
-                     "-" if verdict is None else f"{_fmt(verdict['ratio'], 3)} [{_fmt(verdict['low'], 3)}, "
-                                                 f"{_fmt(verdict['high'], 3)}] {verdict['verdict']}"))
+                     "-" if not worst or not worst.get("below_bar") else
+                     f"{worst['source']} {worst['below_bar']}/{worst['samples']}", verdict))
     return rows
 
 

@@ -13,9 +13,10 @@ source: every engine refuses them as invalid input (``engines.batch.validate_bat
 
 The published claim is that FP16 gives NaN on real text up to 6x more often than random
 inputs suggest.  The ratio text/random comes with a 95% interval (Katz's log method;
-with a zero count, Haldane's +0.5 correction), and the verdict per engine is
+with an empty cell, Haldane's +0.5 on every cell), and the verdict per engine is
 *reproduced* (the interval lies above 1), *refuted* (it lies at or below 1), or
-*undecided* (it straddles 1, or neither source produced a non-finite sample).
+*undecided* (it straddles 1, or neither source produced a non-finite sample; every sample
+failing on both is a ceiling, also undecided).
 """
 
 from __future__ import annotations
@@ -65,16 +66,21 @@ class RateRatio:
 
 
 def ratio(text: Rate, random: Rate) -> RateRatio:
-    """text rate / random rate with a 95% interval (Katz log method, +0.5 on every count when one is zero)."""
+    """text rate / random rate with a 95% interval (Katz's log method).
+
+    When a cell of the 2x2 table is empty (no sample failed, or every sample did), 0.5 is added to every cell
+    (Haldane-Anscombe): with every sample failing on both sources the ratio is 1 with a finite interval, which
+    straddles 1 (undecided: a ceiling says nothing about which source fails more), instead of the degenerate [1, 1].
+    """
     a, n1, b, n2 = text.nonfinite_output, text.samples, random.nonfinite_output, random.samples
     if a == 0 and b == 0:
         return RateRatio(math.nan, 0.0, math.inf, "undecided")
-    if a == 0 or b == 0:
-        a, b, n1, n2 = a + 0.5, b + 0.5, n1 + 0.5, n2 + 0.5
+    if 0 in (a, b, n1 - a, n2 - b):
+        a, b, n1, n2 = a + 0.5, b + 0.5, n1 + 1, n2 + 1
     value = (a / n1) / (b / n2)
     spread = Z95 * math.sqrt(1 / a - 1 / n1 + 1 / b - 1 / n2)
     low, high = value * math.exp(-spread), value * math.exp(spread)
-    verdict = "reproduced" if low > 1 else ("refuted" if high <= 1 else "undecided")
+    verdict = "reproduced" if low > 1 else ("refuted" if high < 1 else "undecided")
     return RateRatio(value, low, high, verdict)
 
 
@@ -96,7 +102,12 @@ def _sample_flags(runner, batch: TokenBatch, *, blocks: bool, output=None) -> tu
 
 def reference_samples(reference, batches: Sequence[TokenBatch]) -> int:
     """Samples whose FP32 reference output is non-finite: the control, computed once per source."""
-    return sum(sum(_sample_flags(reference, batch, blocks=False)[0]) for batch in batches)
+    return nonfinite_samples([reference.infer(batch) for batch in batches], batches)
+
+
+def nonfinite_samples(outputs: Sequence[torch.Tensor], batches: Sequence[TokenBatch]) -> int:
+    """The same count from outputs already computed (the reference's, kept for the below-the-bar comparison)."""
+    return sum(sum(_sample_flags(None, batch, blocks=False, output=output)[0]) for output, batch in zip(outputs, batches))
 
 
 def _below_bar(engine, output, reference_output, batch: TokenBatch, bar: float) -> int:

@@ -117,8 +117,9 @@ def _save(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from gate.merge import merge, write
+    from gate.merge import check_out, merge, write
 
+    check_out(args.out)
     merged = merge([ResultSet.load(path) for path in args.sets])
     write(merged, args.out)
     rows = [(machine, len(parts["parts"]), len((parts["fidelity"] or {}).get("rows") or []),

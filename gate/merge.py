@@ -35,14 +35,16 @@ def _same(parts: Sequence[tuple[str, dict]], what: str, keys: Sequence[str]) -> 
                                      "set; merge only the result folders of one nightly run")
 
 
-def _unique(items, key, what: str, label_of) -> None:
-    seen: dict[Any, str] = {}
-    for item, label in items:
+def _unique(items, key, what: str) -> None:
+    """No key in two of the sets, ``items`` being (item, index of its set, label) (within one set, repeats are its own
+    business: an xdist run may hold one engine's rows from two GPUs, which the gate merges)."""
+    seen: dict[Any, tuple[int, str]] = {}
+    for item, index, label in items:
         k = key(item)
-        if k in seen:
-            raise ResultSetError(f"merge: {what} {k} is in both {seen[k]} and {label}: give each host its own share "
+        first = seen.setdefault(k, (index, label))
+        if first[0] != index:
+            raise ResultSetError(f"merge: {what} {k} is in both {first[1]} and {label}: give each host its own share "
                                  "of the engines (NIGHTLY_MODELS / NIGHTLY_BACKENDS per matrix job)")
-        seen[k] = label_of(label)
 
 
 def _merge_fidelity(sets: Sequence[ResultSet]) -> dict[str, Any]:
@@ -51,11 +53,11 @@ def _merge_fidelity(sets: Sequence[ResultSet]) -> dict[str, Any]:
     _same([(label, fidelity_stack(r)) for label, r in reports], "stack fact", [k for k in STACK_KEYS])
     options = [(label, r.get("options") or {}) for label, r in reports]
     _same(options, "option", sorted({k for _, o in options for k in o} - set(SHARE_OPTIONS) | set(CHECKED_OPTIONS)))
-    rows = [(row, label) for label, r in reports for row in r.get("rows") or []]
-    _unique(rows, lambda row: (row["model"], row["backend"], row["precision"], row["input_source"]), "fidelity row",
-            lambda label: label)
+    rows = [(row, i, label) for i, (label, r) in enumerate(reports) for row in r.get("rows") or []]
+    _unique(rows, lambda row: (row["model"], row["backend"], row["precision"], row.get("input_kind"),
+                               row["input_source"]), "fidelity row")
     merged = dict(reports[0][1])
-    merged["rows"] = [row for row, _ in rows]
+    merged["rows"] = [row for row, _, _ in rows]
     merged["engines"] = {name: e for _, r in reports for name, e in (r.get("engines") or {}).items()}
     merged["skipped"] = [s for _, r in reports for s in r.get("skipped") or []]
     merged["notes"] = list(dict.fromkeys(n for _, r in reports for n in r.get("notes") or []))
@@ -81,13 +83,24 @@ def _merge_fidelity(sets: Sequence[ResultSet]) -> dict[str, Any]:
 def _merge_perf(sets: Sequence[ResultSet]) -> dict[str, Any]:
     runs = [(str(s.perf_path), s.perf) for s in sets]
     _same([(label, perf_stack(r)) for label, r in runs], "stack fact", [k for k in STACK_KEYS])
-    _same([(label, {k: v for k, v in (r.get("fidelity_suite_options") or {}).items() if k != "engines"})
-           for label, r in runs], "perf option",
-          sorted({k for _, r in runs for k in (r.get("fidelity_suite_options") or {}) if k != "engines"}))
-    benchmarks = [(b, label) for label, r in runs for b in r.get("benchmarks") or []]
-    _unique(benchmarks, lambda b: b.get("fullname") or b.get("name"), "benchmark", lambda label: label)
+
+    def options(run: dict) -> dict:  # the run's options without the ones that choose its share
+        found = dict(run.get("fidelity_suite_options") or {})
+        found["engines"] = {k: v for k, v in (found.get("engines") or {}).items() if k not in SHARE_OPTIONS}
+        return found
+
+    _same([(label, options(r)) for label, r in runs], "perf option", sorted({k for _, r in runs for k in options(r)}))
+    benchmarks = [(b, i, label) for i, (label, r) in enumerate(runs) for b in r.get("benchmarks") or []]
+    _unique(benchmarks, lambda b: b.get("fullname") or b.get("name"), "benchmark")
     merged = dict(runs[0][1])
-    merged["benchmarks"] = [b for b, _ in benchmarks]
+    merged["benchmarks"] = [b for b, _, _ in benchmarks]
+    merged["fidelity_suite_options"] = dict(merged.get("fidelity_suite_options") or {})
+    engines = dict(merged["fidelity_suite_options"].get("engines") or {})
+    for key in ("models", "backends", "precisions"):
+        engines[key] = list(dict.fromkeys(v for _, r in runs
+                                          for v in ((r.get("fidelity_suite_options") or {}).get("engines") or {})
+                                          .get(key) or []))
+    merged["fidelity_suite_options"]["engines"] = engines
     records = [r.get("fidelity_suite_run") for _, r in runs]
     if all(records):
         merged["fidelity_suite_run"] = {
@@ -119,8 +132,16 @@ def merge(sets: Sequence[ResultSet]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def check_out(folder: Path) -> None:
+    """``--out`` must be a folder (it is created): a file there is a usage error, named before any merging."""
+    if folder.exists() and not folder.is_dir():
+        raise ResultSetError(f"--out {folder} is a file: give a folder (DIR/<machine id>/ result folders go there)")
+
+
 def write(merged: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
-    """One result folder per machine id under ``folder``: ``<machine id>/fidelity.json`` and ``perf.json``."""
+    """One result folder per machine id under ``folder``: ``<machine id>/fidelity.json`` and ``perf.json`` (a file of
+    an earlier merge that this one has no data for is removed, so the folder is this merge alone)."""
+    check_out(folder)
     written = []
     for machine, parts in merged.items():
         target = folder / machine
@@ -129,4 +150,6 @@ def write(merged: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
             if data is not None:
                 atomic_write_text(target / name, json.dumps(data, indent=2, default=str) + "\n")
                 written.append(target / name)
+            else:
+                (target / name).unlink(missing_ok=True)
     return written

@@ -135,3 +135,26 @@ def test_the_activations_command_puts_the_planted_statistics_beside_the_publishe
     assert by[("top-1 |residual|", 2)]["ratio"] == pytest.approx(1, rel=0.2)
     assert by[("top-1 |residual|", 0)]["ratio"] < 0.1  # the trained embeddings' own outliers are not planted
     assert "| quantity" in (tmp_path / "activations.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["bert-base", "gpt2"])
+def test_the_planting_code_plants_what_the_committed_h100_results_measured(request, name):
+    """The committed results name their weights by recipe digest; this ties them to the planting code as well: change
+    how neurons are planted and this fails, meaning bump STRESS_VERSION (a new label, new cache keys) and rerun."""
+    import json
+    from pathlib import Path
+
+    from fidelity.instability import inputs_for
+
+    model = request.getfixturevalue("bert_stress" if name == "bert-base" else "gpt2_stress")
+    committed = json.loads((Path(__file__).resolve().parents[2] / "docs" / "results" / "instability-h100"
+                            / f"{name}-stress" / "activations.json").read_text())
+    inputs = [b for b in inputs_for(model, wikitext_path=None, random_batches=2, shapes=((4, 128),))
+              if "padded" not in b.source]
+    assert [b.source for b in inputs] == [i["input"] for i in committed["inputs"]]
+    for batch, then in zip(inputs, committed["inputs"]):
+        now = stress.activation_profile(model.module, batch.input_ids, batch.attention_mask)
+        for block_now, block_then in zip(now, then["blocks"], strict=True):
+            assert [e["dim"] for e in block_now["top"][:2]] == [e["dim"] for e in block_then["top"][:2]]
+            assert block_now["top"][0]["value"] == pytest.approx(block_then["top"][0]["value"], rel=1e-3)
+            assert block_now["ffn_top1"] == pytest.approx(block_then["ffn_top1"], rel=1e-3)

@@ -29,6 +29,9 @@ def test_the_ratio_and_its_interval_on_known_counts():
     assert nr.ratio(rate("text", 100, 5), rate("random", 100, 30)).verdict == "refuted"
     assert nr.ratio(rate("text", 50, 3), rate("random", 50, 2)).verdict == "undecided"  # too few to tell
     assert nr.ratio(rate("text", 48, 0), rate("random", 48, 0)).verdict == "undecided"
+    ceiling = nr.ratio(rate("text", 64, 64), rate("random", 64, 64))  # every sample fails on both: no evidence
+    assert ceiling.ratio == pytest.approx(1.0) and ceiling.low < 1 < ceiling.high and ceiling.verdict == "undecided"
+    assert nr.ratio(rate("text", 64, 64), rate("random", 64, 2)).verdict == "reproduced"
     low, high = rate("text", 48, 0).interval()
     assert low == 0 and high == pytest.approx(0.0741, abs=1e-4)  # Wilson, 0 of 48
 
