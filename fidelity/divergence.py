@@ -1,8 +1,8 @@
 """First divergence: where an engine's computation leaves the FP32 reference, block by block.
 
 For one engine and one batch, every block's output (embeddings, each layer, each
-layer's attention / MLP / LayerNorm children, the final norm; what the backend exposes
-through ``Runner.intermediates``) is compared with the reference's at the same module
+layer's attention / MLP / LayerNorm children and the attention probabilities, the final
+norm; what the backend exposes through ``Runner.intermediates``) is compared with the reference's at the same module
 path, over the batch's valid positions: per-sample min cosine, max absolute error,
 non-finite values.  The trace names the first block whose output goes non-finite
 (where the reference's is finite) and the first block below the cosine bar, in
@@ -72,10 +72,13 @@ class DivergenceTrace:
 
 def valid_positions(tensor: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """A boolean mask broadcastable to ``tensor``: the batch's valid positions where its leading dims are
-    (batch, sequence), else everything (a tensor of another layout)."""
+    (batch, sequence); for attention probabilities (batch, heads, query, key), valid queries over valid keys;
+    else everything (a tensor of another layout)."""
     mask = attention_mask.to(tensor.device).bool()
     if tensor.dim() >= 2 and tuple(tensor.shape[:2]) == tuple(mask.shape):
         return mask.reshape(*mask.shape, *([1] * (tensor.dim() - 2)))
+    if tensor.dim() == 4 and tensor.shape[0] == mask.shape[0] and tuple(tensor.shape[2:]) == (mask.shape[1],) * 2:
+        return mask[:, None, :, None] & mask[:, None, None, :]
     return torch.ones((), dtype=torch.bool, device=tensor.device)
 
 

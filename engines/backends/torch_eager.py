@@ -69,27 +69,38 @@ class TorchRunner(Runner):
         """Block outputs of the eager policy module (the one CUDA-graph and compiled engines capture), by forward hooks.
 
         Blocks: the embeddings, every transformer layer and each layer's direct children (attention, MLP,
-        LayerNorms), the final norm; a tuple output's first tensor, as an FP32 copy on the engine's device.
+        LayerNorms), the final norm; a tuple output's first tensor, as an FP32 copy on the engine's device.  An
+        attention child also gives its attention probabilities, ``<name>.probs`` (batch, heads, query, key).
         """
+        from engines.precision.torch_apply import CAPTURE_PROBS_ATTRIBUTE
+
         if not self._built:
             self.build()
         outputs: list[tuple[str, torch.Tensor]] = []
 
         def keep(name: str):
             def hook(module, inputs, output) -> None:
+                probs = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+                if torch.is_tensor(probs) and probs.is_floating_point() and probs.dim() == 4:  # computed first
+                    outputs.append((f"{name}.probs", probs.detach().float()))
                 tensor = output[0] if isinstance(output, (tuple, list)) else output
                 if torch.is_tensor(tensor) and tensor.is_floating_point():
                     outputs.append((name, tensor.detach().float()))
             return hook
 
-        handles = [m.register_forward_hook(keep(name)) for name, m in self.forward.model.named_modules()
-                   if BLOCK_PATTERN.search(name)]
+        model = self.forward.model
+        handles = [m.register_forward_hook(keep(name)) for name, m in model.named_modules() if BLOCK_PATTERN.search(name)]
+        attention = [m for m in model.modules() if hasattr(m, "_fidelity_policy")]  # policy modules (the reference has none)
+        for module in attention:
+            setattr(module, CAPTURE_PROBS_ATTRIBUTE, True)
         staged = TorchRunner._stage(self, batch)  # unpadded, eager: not a captured graph
         try:
             self._trace_forward(staged)
         finally:
             for handle in handles:
                 handle.remove()
+            for module in attention:
+                setattr(module, CAPTURE_PROBS_ATTRIBUTE, False)
         return outputs
 
     @torch.inference_mode()

@@ -33,6 +33,9 @@ ATTENTION_NAME = "fidelity_policy"
 # Per module: {op class: torch dtype} for the computations the module does itself
 # (attention's products and softmax); set by apply_policy.
 DTYPES_ATTRIBUTE = "_fidelity_dtypes"
+# Set on an attention module while a divergence trace runs (Runner.intermediates): the module then returns its
+# attention probabilities, as transformers' eager attention does; otherwise None (nothing kept alive in a graph).
+CAPTURE_PROBS_ATTRIBUTE = "_fidelity_capture_probs"
 
 
 # --- strict low-precision reductions ----------------------------------------
@@ -159,7 +162,7 @@ def policy_attention(module, query, key, value, attention_mask, scaling=None, dr
     else:
         probs = F.softmax(scores, dim=-1)
     output = torch.matmul(probs.to(matmul_dtype), value.to(matmul_dtype)).to(stream_dtype)
-    return output.transpose(1, 2).contiguous(), None
+    return output.transpose(1, 2).contiguous(), (probs if getattr(module, CAPTURE_PROBS_ATTRIBUTE) else None)
 
 
 def _policy_mask(*args, **kwargs):
@@ -262,6 +265,8 @@ def apply_policy(model: nn.Module, policy: PrecisionPolicy) -> nn.Module:
 
     for path, module in model.named_modules():
         module._fidelity_policy = policy
+        # Present (False) from the start: a compiled graph guards on it, and a trace sets it only for its own run.
+        setattr(module, CAPTURE_PROBS_ATTRIBUTE, False)
         setattr(
             module,
             DTYPES_ATTRIBUTE,

@@ -49,7 +49,18 @@ def test_a_subtle_error_is_found_where_the_cosine_first_drops(tiny_bert, referen
     assert found.first_nonfinite is None and found.first_below_bar.name == "encoder.layer.0.intermediate"
     healthy = trace(TorchRunner(tiny_bert, get_policy("fp32"), "cpu").build(), reference, batch, bar=0.99999)
     assert healthy.first_below_bar is None and not healthy.missing
-    assert [b.name for b in healthy.blocks][:2] == ["embeddings", "encoder.layer.0.attention"]
+    assert [b.name for b in healthy.blocks][:3] == ["embeddings", "encoder.layer.0.attention.probs",
+                                                    "encoder.layer.0.attention"]
+
+
+def test_attention_probabilities_are_compared_over_valid_queries_and_keys(tiny_bert, reference, batch):
+    fp16 = trace(TorchRunner(tiny_bert, get_policy("fp16"), "cpu").build(), reference, batch, bar=0.9998)
+    probs = [b for b in fp16.blocks if b.name.endswith(".probs")]
+    assert [b.name for b in probs] == ["encoder.layer.0.attention.probs", "encoder.layer.1.attention.probs"]
+    assert all(b.min_cosine > 0.9999 and b.nonfinite == 0 for b in probs)  # padding (row 2) masked on both axes
+    query = engine_with(tiny_bert, "encoder.layer.1.attention.self.query.weight:3", "fp32")
+    found = trace(query, reference, batch, bar=0.99999)
+    assert found.first_below_bar.name == "encoder.layer.1.attention.probs"  # before the attention's output
 
 
 def test_a_backend_without_block_outputs_gives_no_trace(tiny_bert, reference, batch, engine_cache):
@@ -81,6 +92,7 @@ def test_the_trace_command_writes_every_block_and_refuses_backends_without_them(
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     traces = json.loads((tmp_path / "out" / "trace.json").read_text())
     assert traces and all(t["engine"] == "tiny-bert/torch/fp16" and t["first_below_bar"] is None for t in traces)
-    assert [b["block"] for b in traces[0]["blocks"]][:2] == ["embeddings", "encoder.layer.0.attention"]
+    assert [b["block"] for b in traces[0]["blocks"]][:3] == ["embeddings", "encoder.layer.0.attention.probs",
+                                                             "encoder.layer.0.attention"]
     refused = subprocess.run([*base, "--backends=onnxrt"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "exposes no block outputs" in refused.stderr
