@@ -110,8 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="up to this many samples drawn from the fidelity tests' Hypothesis strategies "
                                 "(derandomized; default 32)")
         p.add_argument("--out", type=Path, help="folder for the results (JSON and Markdown)")
-        p.add_argument("--cosine-min", type=float, default=PUBLISHED_COSINE_MIN,
-                       help=f"the bar (default {PUBLISHED_COSINE_MIN}, the published one)")
+        p.add_argument("--cosine-min", type=float, default=None if name == "nan-rates" else PUBLISHED_COSINE_MIN,
+                       help="the bar (default: each precision's own, as the fidelity tests hold it)" if name == "nan-rates"
+                       else f"the bar (default {PUBLISHED_COSINE_MIN}, the published one)")
     summary = sub.add_parser("summary", help="one summary over a folder of results")
     summary.add_argument("folder", type=Path, help="the folder holding <model>-<weights>/ result folders")
     rates = sub.choices["nan-rates"]
@@ -159,7 +160,7 @@ def _check(args: argparse.Namespace) -> None:
             check_creatable(args.out, source="--out", fix="give a folder that can be created")
     if args.random_batches < 0 or vars(args).get("hypothesis_samples", 0) < 0:
         raise OptionError("--random-batches and --hypothesis-samples must be >= 0")
-    if not 0 < args.cosine_min < 1:
+    if args.cosine_min is not None and not 0 < args.cosine_min < 1:
         raise OptionError(f"--cosine-min {args.cosine_min}: give a cosine bar between 0 and 1, such as 0.9998")
     if args.command == "nan-rates" and (args.samples < 1 or args.seq_len < 2):
         raise OptionError("--samples must be >= 1 and --seq-len >= 2")
@@ -247,17 +248,21 @@ def _nan_rates(args, selection) -> int:
     control = {name: nr.nonfinite_samples(outputs, batches) for (name, batches), outputs
                in zip(sources.items(), references.values())}
     results, rows, verdicts = [], [], []
+    from fidelity.metrics import tolerance_for
+
     for precision in selection.precisions:
         engine = factory.build(EngineSpec(model_name, backend, precision))
+        bar = tolerance_for(engine.policy, args.cosine_min).cosine_min  # --cosine-min, else the precision's own
         rates = {name: nr.measure(engine, batches, name, reference_nonfinite=control[name],
-                                  references=references[name], bar=args.cosine_min)
+                                  references=references[name], bar=bar)
                  for name, batches in sources.items()}
         engine.close()
         for rate in rates.values():
             low, high = rate.interval()
             results.append({"engine": engine.name, "weights": model.weights_source, **dataclasses.asdict(rate),
-                            "rate": rate.rate, "ci95": [low, high]})
-            rows.append((engine.name, rate.source, rate.samples, f"{rate.nonfinite_output} ({rate.rate:.1%})",
+                            "rate": rate.rate, "ci95": [low, high], "bar": bar})
+            rows.append((f"{engine.name} (bar {bar:g})", rate.source, rate.samples,
+                         f"{rate.nonfinite_output} ({rate.rate:.1%})",
                          f"{low:.1%}-{high:.1%}", "-" if rate.nonfinite_intermediate is None else rate.nonfinite_intermediate,
                          f"{rate.below_bar} ({rate.below_bar / rate.samples:.1%})", rate.reference_nonfinite))
         if "text" in rates:
@@ -272,7 +277,9 @@ def _nan_rates(args, selection) -> int:
                                 dataclasses.asdict(r)})
     lines = [f"# Non-finite rates by input source: {model_name} / {backend} ({model.weights_source})", "",
              "Share of samples with any NaN/Inf output at a valid position (Wilson 95% interval), samples with a "
-             f"non-finite block output, samples whose cosine against FP32 is below {args.cosine_min} (or not finite), "
+             "non-finite block output, samples whose cosine against FP32 is below the bar (or not finite; "
+             + (f"--cosine-min {args.cosine_min}" if args.cosine_min is not None else "each precision's own bar, as "
+                "the fidelity tests hold it") + "), "
              "and the FP32 reference's non-finite count (the control).", "",
              render_table(("engine", "source", "samples", "non-finite outputs", "95% interval", "non-finite blocks",
                            "below the bar", "FP32 reference"), rows, markdown=True), ""]

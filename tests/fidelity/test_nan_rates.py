@@ -66,5 +66,6 @@ def test_the_command_reports_every_source_and_says_undecided_without_any_nan(tmp
     sources = {r["source"] for r in results if "source" in r}
     assert sources == {"random", "hypothesis", "text", "stress-padding", "stress-repeat", "stress-max"}
     assert all(isinstance(r["below_bar"], int) for r in results if "source" in r)  # counted beside non-finite ones
+    assert {r["bar"] for r in results if "source" in r} == {0.9998}  # fp16's own bar, as the fidelity tests hold it
     verdict = next(r for r in results if "ratio_text_over_random" in r)["ratio_text_over_random"]
     assert verdict["verdict"] == "undecided"
