@@ -3,7 +3,8 @@ Inductor cache, and with torch.compiler's portable cache artifacts ("mega-cache"
 
     python probe.py cold  ROOT ARTIFACTS   # empty caches under ROOT; compiles; saves the artifacts to ARTIFACTS
     python probe.py warm  ROOT ARTIFACTS   # the same ROOT again, a fresh process: the local caches are warm
-    python probe.py load  ROOT ARTIFACTS   # another, empty ROOT; loads ARTIFACTS first
+    python probe.py load  ROOT ARTIFACTS   # another, empty ROOT; loads ARTIFACTS first (into Inductor's default folder)
+    python probe.py load-in-engine-folder ROOT ARTIFACTS   # the same, loaded with the engine's Inductor folder set
 
 One JSON line per shape: first-call seconds (compile + run) and the second call's seconds.
 """
@@ -26,9 +27,15 @@ from engines.cache import EngineCache  # noqa: E402
 from engines.models import ModelLoader  # noqa: E402
 from engines.precision.policy import get_policy  # noqa: E402
 
-if phase == "load":
+from engines.backends.torch_compile import inductor_cache, inductor_cache_dir  # noqa: E402
+
+if phase.startswith("load"):
     started = time.perf_counter()
-    torch.compiler.load_cache_artifacts(artifacts.read_bytes())
+    if phase == "load-in-engine-folder":
+        with inductor_cache(inductor_cache_dir(EngineCache(root / "engines"))):
+            torch.compiler.load_cache_artifacts(artifacts.read_bytes())
+    else:
+        torch.compiler.load_cache_artifacts(artifacts.read_bytes())
     print(json.dumps({"phase": phase, "load_artifacts_s": round(time.perf_counter() - started, 2)}), flush=True)
 model = ModelLoader(weights_mode="random").load("bert-base")
 runner = TorchCompileRunner(model, get_policy("hybrid"), "cuda", BuildOptions(cache=EngineCache(root / "engines"))).build()
