@@ -228,17 +228,22 @@ def _forward(module, ids: torch.Tensor, mask: torch.Tensor) -> None:
         module(input_ids=ids, attention_mask=mask)
 
 
-def _capture(module, layer: int, ids, mask) -> dict[str, torch.Tensor]:
-    """The MLP input, the MLP output and the block output of ``layer`` on one batch."""
-    first, second = _mlp_in_out(module, layer)
-    block = _blocks(module)[layer]
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [
-        first.register_forward_pre_hook(lambda m, args: seen.__setitem__("mlp_in", args[0].detach())),
-        second.register_forward_hook(lambda m, args, out: seen.__setitem__("mlp_out", out.detach())),
-        block.register_forward_hook(lambda m, args, out: seen.__setitem__(
-            "block_out", (out[0] if isinstance(out, tuple) else out).detach())),
-    ]
+def _first_tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _capture(module, layers, ids, mask) -> dict[int, dict[str, torch.Tensor]]:
+    """Per block of ``layers``: its MLP input, its MLP output and its output, on one batch."""
+    seen: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
+    hooks = []
+    for layer, store in seen.items():
+        first, second = _mlp_in_out(module, layer)
+        hooks += [
+            first.register_forward_pre_hook(lambda m, args, s=store: s.__setitem__("mlp_in", args[0].detach())),
+            second.register_forward_hook(lambda m, args, out, s=store: s.__setitem__("mlp_out", out.detach())),
+            _blocks(module)[layer].register_forward_hook(
+                lambda m, args, out, s=store: s.__setitem__("block_out", _first_tensor(out).detach())),
+        ]
     try:
         _forward(module, ids, mask)
     finally:
@@ -310,7 +315,7 @@ def _plant_writer(module, recipe, writer: Writer, u, ids, mask, marked, generato
     neurons = first.bias.numel()
     neuron = int(torch.randint(0, neurons, (1,), generator=generator))
     _set_neuron(module, writer.layer, neuron, read=torch.zeros(hidden), bias=-1e4, write=torch.zeros(hidden))
-    seen = _capture(module, writer.layer, ids, mask)
+    seen = _capture(module, [writer.layer], ids, mask)[writer.layer]
     if writer.reads == "marker":
         direction = u
     else:
@@ -326,15 +331,15 @@ def _plant_writer(module, recipe, writer: Writer, u, ids, mask, marked, generato
                           f"along {writer.reads} (weakest marked {low_on:.3g} <= strongest unmarked {high_off:.3g})")
     threshold = (low_on + high_off) / 2
     scale = NEURON_MARGIN / (low_on - threshold)
-    _set_neuron(module, writer.layer, neuron, read=scale * direction, bias=-scale * threshold, write=torch.zeros(hidden))
-    activation = F.gelu(seen["mlp_in"] @ (scale * direction) - scale * threshold)
-    mean_on = float(activation[marked].mean())
-    base = seen["mlp_out"] if writer.at == "ffn-output" else seen["block_out"]
+    # The neuron's activation at the marked positions, from the captured input (GELU ~ identity there).
+    mean_on = float(F.gelu(seen["mlp_in"] @ (scale * direction) - scale * threshold)[marked].mean())
     median = float(seen["mlp_out"].abs().median())
     write = torch.zeros(hidden)
     for dim, target in writer.targets:
-        value = target * median if writer.at == "ffn-output" else target  # BERT's targets are ratios to the median
-        current = 0.0 if writer.at == "ffn-output" else float(base[..., dim][marked].mean())
+        if writer.at == "ffn-output":  # BERT's targets are ratios to the FFN output's median
+            value, current = target * median, 0.0
+        else:  # the residual stream: add what it lacks
+            value, current = target, float(seen["block_out"][..., dim][marked].mean())
         write[dim] = (value - current) / mean_on
     _set_neuron(module, writer.layer, neuron, read=scale * direction, bias=-scale * threshold, write=write)
 
@@ -346,30 +351,17 @@ def activation_profile(module, ids: torch.Tensor, mask: torch.Tensor) -> list[di
     """Per block: the three dims with the largest |x| of the residual stream (block output), each with its value and
     position, the median |x|, and the FFN output's top-1 |x| and median; valid positions only."""
     blocks = _blocks(module)
-    seen: dict[int, dict[str, torch.Tensor]] = {}
-    hooks = []
-    for index, block in enumerate(blocks):
-        _, second = _mlp_in_out(module, index)
-        hooks.append(block.register_forward_hook(
-            lambda m, a, out, i=index: seen.setdefault(i, {}).__setitem__(
-                "residual", (out[0] if isinstance(out, tuple) else out).detach())))
-        hooks.append(second.register_forward_hook(
-            lambda m, a, out, i=index: seen.setdefault(i, {}).__setitem__("ffn", out.detach())))
-    try:
-        _forward(module, ids, mask)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    seen = _capture(module, range(len(blocks)), ids, mask)
     valid = mask.bool()
     positions = valid.nonzero()
     rows = []
     for index in range(len(blocks)):
-        flat = seen[index]["residual"][valid].abs()  # [valid positions, hidden]
+        flat = seen[index]["block_out"][valid].abs()  # [valid positions, hidden]
         per_dim, where = flat.max(dim=0)  # each dim's largest |x| and the position it is at
         top = torch.topk(per_dim, 3)
         entries = [{"value": float(v), "dim": int(d), "position": int(positions[int(where[d]), 1])}
                    for v, d in zip(top.values, top.indices)]
-        ffn = seen[index]["ffn"][valid].abs()
+        ffn = seen[index]["mlp_out"][valid].abs()
         rows.append({"layer": index, "top": entries, "median": float(flat.median()),
                      "ffn_top1": float(ffn.max()), "ffn_median": float(ffn.median())})
     return rows
@@ -379,7 +371,6 @@ def compare_with_published(recipe: StressRecipe, profile: list[dict]) -> list[di
     """Each published statistic of the recipe beside the planted model's measured one."""
     out = []
     for p in recipe.published:
-        measured: float | None
         if p.layer < 0:  # a structural fact: how many of the recipe's dims are among every layer's top-3 dims
             measured = float(min(len({e["dim"] for e in row["top"]} & set(recipe.dims)) for row in profile))
             quantity = f"{p.quantity}: dims {', '.join(map(str, recipe.dims))} among every layer's top-3 dims"
@@ -388,7 +379,7 @@ def compare_with_published(recipe: StressRecipe, profile: list[dict]) -> list[di
             key = p.quantity.split(" ")[0]
             measured = row["median"] if key == "median" else row["top"][int(key[-1]) - 1]["value"]
             quantity = p.quantity
-        ratio = measured / p.value if measured is not None and p.value else math.nan
+        ratio = measured / p.value if p.value else math.nan
         out.append({"quantity": quantity, "layer": p.layer, "published": p.value, "planted": measured,
                     "ratio": ratio, "status": p.status, "source": p.source})
     return out
