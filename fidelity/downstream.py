@@ -170,11 +170,14 @@ class Agreement:
     perplexity: float | None = None  # GPT-2 with checkpoint weights, on natural text
 
 
-def agreement(engine, reference_output: torch.Tensor, batch: TokenBatch, *, causal: bool) -> Agreement:
-    """``engine`` on ``batch`` against the FP32 reference's output for it (computed once by the caller)."""
+def agreement(engine, reference_output: torch.Tensor, batch: TokenBatch, *, causal: bool,
+              output: torch.Tensor | None = None) -> Agreement:
+    """``engine`` on ``batch`` against the FP32 reference's output for it (computed once by the caller); ``output``:
+    the engine's own output on ``batch``, where the caller has it already."""
     from scipy.stats import spearmanr
 
-    out, ref = engine.infer(batch).double().cpu(), reference_output.double().cpu()
+    out = (engine.infer(batch) if output is None else output).double().cpu()
+    ref = reference_output.double().cpu()
     pooled_out, pooled_ref = _pooled(out, batch), _pooled(ref, batch)
     head = torch.randn(pooled_ref.shape[1], 2, generator=torch.Generator().manual_seed(HEAD_SEED), dtype=torch.float64)
     labels = (pooled_out @ head).argmax(1) == (pooled_ref @ head).argmax(1)

@@ -3,7 +3,7 @@
 ``python -m fidelity.instability summary DIR`` reads, for every ``DIR/<model>-<weights>/``, what the
 subcommands wrote there (``activations.json``, ``nan_rates.json``, ``downstream.json``,
 ``trace.json``, ``search/search.json`` and a ``fidelity-*.json`` report of the found policy) and
-writes ``DIR/summary.md``: five tables, each a projection of those files, nothing typed.  A test
+writes ``DIR/summary.md``: six tables, each a projection of those files, nothing typed.  A test
 regenerates the committed summary from the committed JSON and compares.
 """
 
@@ -52,7 +52,8 @@ def _nan_rows(run: Path) -> list[tuple]:
 
         verdict = "-"
         if text and rnd and text.get("below_bar") is not None and rnd.get("below_bar") is not None:
-            found = ratio(*(Rate(r["source"], r["samples"], r["below_bar"], None, 0) for r in (text, rnd)))
+            found = ratio(*(Rate(r["source"], r["samples"], r["nonfinite_output"], None, 0, r["below_bar"])
+                            for r in (text, rnd)), of="below_bar")
             verdict = f"{_fmt(found.ratio, 3)} [{_fmt(found.low, 3)}, {_fmt(found.high, 3)}] {found.verdict}"
         rows.append((run.name, engine.split("/")[-1], cell(text, "nonfinite_output"), cell(rnd, "nonfinite_output"),
                      cell(text, "below_bar"), cell(rnd, "below_bar"),

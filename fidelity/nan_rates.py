@@ -14,7 +14,7 @@ source: every engine refuses them as invalid input (``engines.batch.validate_bat
 The published claim is that FP16 gives NaN on real text up to 6x more often than random
 inputs suggest.  The ratio text/random comes with a 95% interval (Katz's log method;
 with an empty cell, Haldane's +0.5 on every cell), and the verdict per engine is
-*reproduced* (the interval lies above 1), *refuted* (it lies at or below 1), or
+*reproduced* (the interval lies above 1), *refuted* (it lies below 1), or
 *undecided* (it straddles 1, or neither source produced a non-finite sample; every sample
 failing on both is a ceiling, also undecided).
 """
@@ -65,14 +65,15 @@ class RateRatio:
     verdict: str  # "reproduced", "refuted", "undecided"
 
 
-def ratio(text: Rate, random: Rate) -> RateRatio:
-    """text rate / random rate with a 95% interval (Katz's log method).
+def ratio(text: Rate, random: Rate, *, of: str = "nonfinite_output") -> RateRatio:
+    """text rate / random rate of the samples counted by ``of`` (non-finite, or ``below_bar``), with a 95% interval
+    (Katz's log method).
 
     When a cell of the 2x2 table is empty (no sample failed, or every sample did), 0.5 is added to every cell
     (Haldane-Anscombe): with every sample failing on both sources the ratio is 1 with a finite interval, which
     straddles 1 (undecided: a ceiling says nothing about which source fails more), instead of the degenerate [1, 1].
     """
-    a, n1, b, n2 = text.nonfinite_output, text.samples, random.nonfinite_output, random.samples
+    a, n1, b, n2 = getattr(text, of), text.samples, getattr(random, of), random.samples
     if a == 0 and b == 0:
         return RateRatio(math.nan, 0.0, math.inf, "undecided")
     if 0 in (a, b, n1 - a, n2 - b):
@@ -84,12 +85,12 @@ def ratio(text: Rate, random: Rate) -> RateRatio:
     return RateRatio(value, low, high, verdict)
 
 
-def _sample_flags(runner, batch: TokenBatch, *, blocks: bool, output=None) -> tuple[list[bool], list[bool] | None]:
-    """Per row, at valid positions: any non-finite output; any non-finite block output (None where not exposed)."""
-    output = runner.infer(batch) if output is None else output
+def _sample_flags(output: torch.Tensor, batch: TokenBatch, runner=None) -> tuple[list[bool], list[bool] | None]:
+    """Per row, at valid positions: any non-finite value in ``output``; with ``runner``, any non-finite block output
+    of it on ``batch`` (None without one, or where its backend exposes none)."""
     bad = ~torch.isfinite(output) & valid_positions(output, batch.attention_mask)
     out_flags = [bool(x) for x in bad.flatten(1).any(dim=1).tolist()]
-    intermediates = runner.intermediates(batch) if blocks else None
+    intermediates = runner.intermediates(batch) if runner is not None else None
     if intermediates is None:
         return out_flags, None
     inner = torch.zeros(len(out_flags), dtype=torch.bool)
@@ -107,7 +108,7 @@ def reference_samples(reference, batches: Sequence[TokenBatch]) -> int:
 
 def nonfinite_samples(outputs: Sequence[torch.Tensor], batches: Sequence[TokenBatch]) -> int:
     """The same count from outputs already computed (the reference's, kept for the below-the-bar comparison)."""
-    return sum(sum(_sample_flags(None, batch, blocks=False, output=output)[0]) for output, batch in zip(outputs, batches))
+    return sum(sum(_sample_flags(output, batch)[0]) for output, batch in zip(outputs, batches))
 
 
 def _below_bar(engine, output, reference_output, batch: TokenBatch, bar: float) -> int:
@@ -132,7 +133,7 @@ def measure(engine, batches: Sequence[TokenBatch], source: str, *, reference_non
     outputs, inners, samples, exposed, below = 0, 0, 0, True, 0
     for index, batch in enumerate(batches):
         output = engine.infer(batch)
-        out, inner = _sample_flags(engine, batch, blocks=True, output=output)
+        out, inner = _sample_flags(output, batch, engine)
         if references is not None and bar is not None:
             below += _below_bar(engine, output, references[index], batch, bar)
         samples += len(out)
