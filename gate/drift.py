@@ -55,10 +55,16 @@ class MergedRow:
         return self.nonfinite_samples / self.samples if self.samples else 0.0
 
 
+def row_key(row: dict[str, Any]) -> RowKey:
+    """What identifies a fidelity report row across runs (its device aside: the rows of one engine on several GPUs
+    are one)."""
+    return (row["model"], row["backend"], row["precision"], row["input_kind"], row["input_source"])
+
+
 def fidelity_rows(report: dict[str, Any]) -> dict[RowKey, MergedRow]:
     rows: dict[RowKey, MergedRow] = {}
     for r in report.get("rows") or []:
-        key = (r["model"], r["backend"], r["precision"], r["input_kind"], r["input_source"])
+        key = row_key(r)
         cos = r.get("min_cosine")
         cos = None if cos is None else float(cos)
         if key not in rows:

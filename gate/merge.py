@@ -12,17 +12,17 @@ schemas.  Each merged file records where its parts came from (``merged_from``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engines.files import atomic_write_text
-from gate.drift import CHECKED_OPTIONS
+from engines.files import atomic_write_json
+from gate.drift import CHECKED_OPTIONS, row_key
 from gate.results import FIDELITY_FILE, PERF_FILE, STACK_KEYS, ResultSet, ResultSetError, fidelity_stack, perf_stack
 
 # Options that choose the share (which engines): they may differ between the parts; every other option must not.
 SHARE_OPTIONS = ("models", "backends", "precisions", "policies", "gpus", "device")
+SHARE_LISTS = ("models", "backends", "precisions")  # the share options a merged set holds the union of
 
 
 def _same(parts: Sequence[tuple[str, dict]], what: str, keys: Sequence[str]) -> None:
@@ -47,6 +47,11 @@ def _unique(items, key, what: str) -> None:
                                  "of the engines (NIGHTLY_MODELS / NIGHTLY_BACKENDS per matrix job)")
 
 
+def _union(records: Sequence[dict], keys: Sequence[str]) -> dict[str, list]:
+    """Each of ``keys``: the lists the records hold under it, joined in order without repeats (the shares' models...)."""
+    return {key: list(dict.fromkeys(v for record in records for v in record.get(key) or [])) for key in keys}
+
+
 def _merge_fidelity(sets: Sequence[ResultSet]) -> dict[str, Any]:
     reports = [(str(s.fidelity_path), s.fidelity) for s in sets]
     _same([(label, {"schema_version": r.get("schema_version")}) for label, r in reports], "report", ["schema_version"])
@@ -54,8 +59,7 @@ def _merge_fidelity(sets: Sequence[ResultSet]) -> dict[str, Any]:
     options = [(label, r.get("options") or {}) for label, r in reports]
     _same(options, "option", sorted({k for _, o in options for k in o} - set(SHARE_OPTIONS) | set(CHECKED_OPTIONS)))
     rows = [(row, i, label) for i, (label, r) in enumerate(reports) for row in r.get("rows") or []]
-    _unique(rows, lambda row: (row["model"], row["backend"], row["precision"], row.get("input_kind"),
-                               row["input_source"]), "fidelity row")
+    _unique(rows, row_key, "fidelity row")
     merged = dict(reports[0][1])
     merged["rows"] = [row for row, _, _ in rows]
     merged["engines"] = {name: e for _, r in reports for name, e in (r.get("engines") or {}).items()}
@@ -64,10 +68,7 @@ def _merge_fidelity(sets: Sequence[ResultSet]) -> dict[str, Any]:
     merged["interrupted"] = any(r.get("interrupted") for _, r in reports)
     merged["started"] = min(r.get("started") or "" for _, r in reports) or None
     merged["written"] = max(r.get("written") or "" for _, r in reports) or None
-    merged["options"] = dict(merged.get("options") or {})
-    for key in ("models", "backends", "precisions"):
-        values = [v for _, o in options for v in (o.get(key) or [])]
-        merged["options"][key] = list(dict.fromkeys(values))
+    merged["options"] = {**(merged.get("options") or {}), **_union([o for _, o in options], SHARE_LISTS)}
     merged["options"]["policies"] = {k: v for _, o in options for k, v in (o.get("policies") or {}).items()}
     from engines.cache import describe_events
 
@@ -94,13 +95,9 @@ def _merge_perf(sets: Sequence[ResultSet]) -> dict[str, Any]:
     _unique(benchmarks, lambda b: b.get("fullname") or b.get("name"), "benchmark")
     merged = dict(runs[0][1])
     merged["benchmarks"] = [b for b, _, _ in benchmarks]
-    merged["fidelity_suite_options"] = dict(merged.get("fidelity_suite_options") or {})
-    engines = dict(merged["fidelity_suite_options"].get("engines") or {})
-    for key in ("models", "backends", "precisions"):
-        engines[key] = list(dict.fromkeys(v for _, r in runs
-                                          for v in ((r.get("fidelity_suite_options") or {}).get("engines") or {})
-                                          .get(key) or []))
-    merged["fidelity_suite_options"]["engines"] = engines
+    engines = [(r.get("fidelity_suite_options") or {}).get("engines") or {} for _, r in runs]
+    merged["fidelity_suite_options"] = {**(merged.get("fidelity_suite_options") or {}),
+                                        "engines": {**engines[0], **_union(engines, SHARE_LISTS)}}
     records = [r.get("fidelity_suite_run") for _, r in runs]
     if all(records):
         merged["fidelity_suite_run"] = {
@@ -148,7 +145,7 @@ def write(merged: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
         target.mkdir(parents=True, exist_ok=True)
         for name, data in ((FIDELITY_FILE, parts["fidelity"]), (PERF_FILE, parts["perf"])):
             if data is not None:
-                atomic_write_text(target / name, json.dumps(data, indent=2, default=str) + "\n")
+                atomic_write_json(target / name, data, default=str)
                 written.append(target / name)
             else:
                 (target / name).unlink(missing_ok=True)
