@@ -90,7 +90,7 @@ class TorchRunner(Runner):
 
         model = self.forward.model
         handles = [m.register_forward_hook(keep(name)) for name, m in model.named_modules() if BLOCK_PATTERN.search(name)]
-        attention = [m for m in model.modules() if hasattr(m, "_fidelity_policy")]  # policy modules (the reference has none)
+        attention = [m for m in model.modules() if hasattr(m, CAPTURE_PROBS_ATTRIBUTE)]  # policy modules (not the reference's)
         for module in attention:
             setattr(module, CAPTURE_PROBS_ATTRIBUTE, True)
         staged = TorchRunner._stage(self, batch)  # unpadded, eager: not a captured graph
