@@ -191,9 +191,11 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("--rebuild-engines", "rebuild cached graphs and engines once this session", kind="flag"),
     Option(
         "--compile-mode",
-        "torch.compile mode of the torch-compile backend (max-autotune: GEMM autotuning, longer cold compiles)",
+        "torch.compile mode of the torch-compile backend (max-autotune: GEMM autotuning, longer cold compiles; "
+        "regional: each repeated transformer block compiled once for all blocks, no freezing, the rest eager: "
+        "shorter first calls per shape)",
         default="default",
-        choices=("default", "max-autotune"),
+        choices=("default", "max-autotune", "regional"),
     ),
     Option(
         "--trt-target",

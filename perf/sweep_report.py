@@ -174,9 +174,12 @@ def comparability(runs: list[dict[str, Any]]) -> str:
     env = runs[-1]["environment"] if runs else {}
     host = runs[-1].get("host", {}) if runs else {}
     gpu = env.get("gpu_name") or "no GPU (CPU run)"
+    backends = sorted({b for r in runs for b in r["selection"]["backends"]})
+    modes = sorted({r["selection"].get("compile_mode", "default") for r in runs})
     return (
-        f"Not like for like: measured on {gpu} with PyTorch engines (backends "
-        f"{', '.join(sorted({b for r in runs for b in r['selection']['backends']}))}), CPU baseline on "
+        f"Not like for like: measured on {gpu} with PyTorch engines (backends {', '.join(backends)}"
+        + (f"; torch.compile mode {', '.join(modes)}" if "torch-compile" in backends else "")
+        + "), CPU baseline on "
         f"{host.get('cpu_model', '?')} with {host.get('cpu_threads', '?')} threads; the published numbers come from "
         "TensorRT engines on an RTX 3090 (main GPU, per the first author's profile) and an A100 (the abstract's "
         "cross-check) against a CPU baseline whose hardware is not published. bert-base and gpt2 carry random-init "

@@ -70,10 +70,21 @@ SEQUENCE_BUCKETS = (32, 64, 128, 256, 512)
 # that share an input into one.  Inductor's own CUDA graphs ("reduce-overhead",
 # "max-autotune") are replaced by this engine's capture, which shares one memory
 # pool and one LRU bound with torch-cudagraph.
+#
+# "regional" is PyTorch's regional compilation: each repeated transformer block (the model's
+# ``_no_split_modules`` classes: BertLayer, GPT2Block, ...) is compiled in place and, the blocks
+# sharing one class and their weights being graph inputs (no freezing), one compiled graph per
+# bucket serves all of them; the rest runs eager inside the same CUDA graph.  A first call per
+# bucket then traces one block instead of the whole model.
 COMPILE_MODES: dict[str, dict[str, Any]] = {
     "default": {"freezing": True},
     "max-autotune": {"freezing": True, "max_autotune": True, "coordinate_descent_tuning": True},
+    "regional": {},
 }
+REGIONAL_MODES = frozenset({"regional"})
+# Regional graphs are cache entries of the blocks' shared code: every live regional engine's
+# buckets count against one Dynamo limit, so it covers this many engines alive at once.
+_REGIONAL_ENGINES_ALIVE = 16
 # Alignment the memory-efficient kernel wants for the bias's last stride.
 _BIAS_ALIGNMENT = 16
 
@@ -262,6 +273,26 @@ def fuse_qkv_projections(module: nn.Module) -> int:
     return fused
 
 
+def repeated_blocks(module: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: instances of its ``_no_split_modules`` classes (transformers' own list)."""
+    names = set(getattr(module, "_no_split_modules", None) or ())
+    blocks = [sub for sub in module.modules() if type(sub).__name__ in names]
+    if not blocks:
+        raise ValueError(
+            f"{type(module).__name__} names no repeated blocks (_no_split_modules): regional compilation needs "
+            "them; use --compile-mode default"
+        )
+    return blocks
+
+
+def compile_repeated_blocks(module: nn.Module, options: dict[str, Any]) -> int:
+    """Compile every repeated block in place (``nn.Module.compile``); blocks of one class share their graphs."""
+    blocks = repeated_blocks(module)
+    for block in blocks:
+        block.compile(options=options, dynamic=False)
+    return len(blocks)
+
+
 def _allow_recompiles(count: int) -> None:
     # One static graph per bucket: Dynamo's default of 8 per function would send
     # the ninth shape to eager (silently slow), so the limit covers the buckets.
@@ -334,6 +365,7 @@ class TorchCompileRunner(KeepsCapturedGraphs, TorchRunner):
         self.compiled = None
         self.fused_qkv_layers = 0
         self.padded_projections = 0
+        self.compiled_blocks = 0
         self.cudnn_attention = False
         self._compiled_buckets: set[tuple[int, int]] = set()
 
@@ -351,11 +383,18 @@ class TorchCompileRunner(KeepsCapturedGraphs, TorchRunner):
 
     def _build(self) -> None:
         super()._build()  # the module, and the audit of its eager run
-        _allow_recompiles(len(BATCH_BUCKETS) * len(SEQUENCE_BUCKETS) + 2)
+        graphs_per_engine = len(BATCH_BUCKETS) * len(SEQUENCE_BUCKETS) + 2
+        options = dict(COMPILE_MODES[self.compile_mode])
         # Static shapes: dynamic=True was tried on the H100 and Dynamo still
         # recompiled per sequence bucket (the mask code specializes on it), each
         # compile 2-3x slower than a static one.
-        self.compiled = torch.compile(self.forward, options=dict(COMPILE_MODES[self.compile_mode]), dynamic=False)
+        if self.compile_mode in REGIONAL_MODES:
+            _allow_recompiles(graphs_per_engine * _REGIONAL_ENGINES_ALIVE)
+            self.compiled_blocks = compile_repeated_blocks(self.forward.model, options)
+            self.compiled = self.forward
+        else:
+            _allow_recompiles(graphs_per_engine)
+            self.compiled = torch.compile(self.forward, options=options, dynamic=False)
         if self.device.type == "cuda":
             self._graphs = CapturedGraphs(self.compiled, self.device, self.max_graphs)
 
@@ -409,6 +448,7 @@ class TorchCompileRunner(KeepsCapturedGraphs, TorchRunner):
         graphs = f", CUDA graph per bucket (max {self.max_graphs} cached)" if self.device.type == "cuda" else ""
         mode = (
             f"torch.compile mode={self.compile_mode}, static shapes padded to buckets{graphs}; {attention}"
+            + (f"; {self.compiled_blocks} repeated blocks compiled in place, the rest eager" if self.compiled_blocks else "")
             + (f"; Q|K|V as one GEMM in {self.fused_qkv_layers} layers" if self.fused_qkv_layers else "")
             + (f"; {self.padded_projections} unaligned projection(s) padded to 64" if self.padded_projections else "")
         )

@@ -104,6 +104,41 @@ def test_compiled_engine_matches_eager_on_padded_odd_shapes(request, engine_cach
     assert info.details["inductor_cache"]
 
 
+@pytest.mark.parametrize("model_name,blocks,block_graphs", [("tiny-bert", 3, 2), ("tiny-gpt2", 2, 1)])
+def test_regional_mode_compiles_one_graph_per_block_class_and_matches_eager(
+    request, engine_cache, model_name, blocks, block_graphs
+):
+    """--compile-mode regional: every repeated block compiled in place, blocks of one class sharing one graph per
+    bucket (tiny-bert: its embeddings and two BertLayers = 2 graphs; tiny-gpt2: two GPT2Blocks = 1 graph)."""
+    from torch._dynamo.utils import counters
+
+    model = request.getfixturevalue(model_name.replace("-", "_"))
+    policy = get_policy("hybrid")
+    batch = _padded_batch(model, left=model_name == "tiny-gpt2")
+    torch.compiler.reset()
+    counters.clear()
+    options = BuildOptions(cache=engine_cache, compile_mode="regional")
+    with TorchRunner(model, policy, "cpu") as eager, TorchCompileRunner(model, policy, "cpu", options) as regional:
+        expected = eager.infer(batch)
+        actual = regional.infer(batch)
+        first_bucket = counters["stats"]["unique_graphs"]
+        regional.infer(TokenBatch(batch.input_ids[:1, :40], batch.attention_mask[:1, :40], "test"))  # bucket (1, 64)
+        info = regional.info()
+    assert regional.compiled_blocks == blocks
+    assert (first_bucket, counters["stats"]["unique_graphs"]) == (block_graphs, 2 * block_graphs)
+    valid = batch.attention_mask.bool()
+    torch.testing.assert_close(actual[valid], expected[valid], rtol=2e-3, atol=2e-3)
+    assert "mode=regional" in info.mode and f"{blocks} repeated blocks compiled in place" in info.mode
+
+
+def test_regional_mode_needs_named_repeated_blocks(tiny_bert):
+    from engines.backends.torch_compile import repeated_blocks
+
+    assert len(repeated_blocks(tiny_bert.module)) == 3
+    with pytest.raises(ValueError, match="--compile-mode default"):
+        repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 def test_each_engine_cache_gets_its_own_inductor_dir_unless_the_user_set_one(tiny_bert, tmp_path, monkeypatch):
     import os
 
