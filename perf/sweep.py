@@ -9,7 +9,9 @@ p99 and spread from the benchmarks' own timer and round counts, throughput, the 
 memory, the first call's time, fidelity on a fixed, seeded natural-text batch of that shape against the FP32
 reference (min and mean cosine, NaN/Inf), and the CPU FP32 baseline of the same shape measured on the same
 host in the same invocation (its rounds, thread count and CPU model recorded); speedups only between those.
-A rerun with the same ``--out`` measures only what is missing and says so; Ctrl-C loses nothing measured
+The CPU baseline is measured first, before any engine
+is built, so that nothing the engines leave running shares the host with it.  A rerun with the same ``--out``
+measures only what is missing and says so; Ctrl-C loses nothing measured
 (the line is written before the next configuration starts) and the run's record says it was interrupted;
 an out-of-memory shape is a recorded skip with the reason.  Engines come from :mod:`engines.factory`,
 selected with the same options as the tests; the timer is :mod:`perf.timing`'s.  Unlike the gate, the sweep
@@ -230,6 +232,20 @@ class Sweep:
             "fidelity": self.fidelity(runner, shape),
         }
 
+    def measure_cpu_baseline(self, todo) -> None:
+        """The CPU FP32 baseline of every shape still to measure, first, before any engine is built.
+
+        Measured between GPU engines it shares the host with whatever they leave running (most likely Inductor's
+        compile workers): on the H100 one bert-base b1 s64 round took 2008 ms there, 28.9 ms in another run.
+        The medians go into the run's record (``runs.jsonl``), also when the run is interrupted.
+        """
+        from tqdm import tqdm
+
+        shapes = list(dict.fromkeys((spec.model, shape) for spec, shape in todo))
+        for model, shape in tqdm(shapes, desc="CPU FP32 baseline", unit="shape", file=sys.stderr, dynamic_ncols=True):
+            self.cpu.median_seconds(model, shape)
+        self.cpu.close()  # the CPU engines' memory and threads are not the GPU engines'
+
     # -- the loop -------------------------------------------------------------------------------------
     def run(self, *, command: str) -> int:
         from tqdm import tqdm
@@ -258,6 +274,9 @@ class Sweep:
         status = "complete"
         started = time.perf_counter()
         try:
+            if self.options.cpu_baseline:
+                self.measure_cpu_baseline(todo)
+                run_record["cpu_baseline_seconds"] = round(time.perf_counter() - started, 1)
             with tqdm(total=len(todo), unit="config", file=sys.stderr, dynamic_ncols=True) as bar:
                 # Consecutive configurations of one engine together: each engine is built once per run.
                 for spec, configs_of_spec in itertools.groupby(todo, key=lambda config: config[0]):
@@ -303,7 +322,8 @@ class Sweep:
             run_record["error"] = (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0][:500]
             raise
         finally:
-            run_record.update(status=status, measured=measured, seconds=round(time.perf_counter() - started, 1))
+            run_record.update(status=status, measured=measured, seconds=round(time.perf_counter() - started, 1),
+                              cpu_fp32_median_ms=self.cpu.medians())
             self.store.log_run(run_record)
             self.cpu.close()
             self.factory.close()

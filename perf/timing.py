@@ -159,7 +159,12 @@ class CpuBaseline:
             self._medians[key] = median(sample_seconds(call, warmup=1, rounds=self.rounds))
         return self._medians[key]
 
+    def medians(self) -> dict[str, float]:
+        """Every median measured so far, in ms, keyed ``"<model> b<batch> s<sequence>"`` (for a run's record)."""
+        return {f"{model} b{batch} s{seq}": seconds * 1e3 for (model, batch, seq), seconds in self._medians.items()}
+
     def close(self) -> None:
+        """Drop the CPU engines (the medians stay: a later shape builds its engine again)."""
         for runner in self._runners.values():
             runner.close()
         self._runners.clear()

@@ -47,6 +47,9 @@ def test_every_configuration_is_one_line_with_every_measurement(swept):
         assert r["fidelity"]["source"].startswith("python-docs packed") and r["fidelity"]["nan"] == 0
     run = json.loads((folder / "runs.jsonl").read_text().splitlines()[0])
     assert run["status"] == "complete" and run["measured"] == 8 and run["host"]["cpu_threads"] >= 1
+    # The CPU baseline was measured first, once per shape, and the run's record keeps every median.
+    assert run["cpu_fp32_median_ms"] == {f"tiny-bert b{r['batch']} s{r['sequence']}": r["cpu_fp32_median_ms"] for r in records}
+    assert 0 < run["cpu_baseline_seconds"] <= run["seconds"]
 
 
 def test_a_rerun_measures_only_what_is_missing(swept):
