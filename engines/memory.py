@@ -12,6 +12,13 @@ minus what others held when the engine was built.  Two process-wide caches make
   session and 249.8 MiB when built after an FP32 engine (issue 9).
 * blocks the caching allocator keeps after an earlier engine was closed.
 
+A closed engine that a reference cycle keeps alive holds its weights until Python's
+garbage collector runs, which then frees them in the middle of a later engine's
+measurement (its "others'" bytes had counted them): on the H100 sweep with
+``--compile-mode regional`` (each compiled block held its compiled call, which held
+the block), bert-base/torch-compile/fp16 measured peaks of 0 MiB.  A collection runs
+first.
+
 Both are released before every engine is built, so every engine pays for the
 workspaces it uses, and its figure no longer depends on what ran before it.
 
@@ -27,11 +34,14 @@ cuBLAS workspace, by its size, whose owner was not found.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 
 def release_shared_device_memory(device: torch.device) -> int:
     """Free cached cuBLAS workspaces and allocator blocks on ``device``; return the bytes still allocated (others')."""
+    gc.collect()  # closed engines kept alive by reference cycles: theirs, not the next engine's "others'"
     torch.cuda.synchronize(device)
     clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if clear_workspaces is not None:  # present since PyTorch 1.13; without it, workspaces stay shared
