@@ -12,15 +12,16 @@ minus what others held when the engine was built.  Two process-wide caches make
   session and 249.8 MiB when built after an FP32 engine (issue 9).
 * blocks the caching allocator keeps after an earlier engine was closed.
 
-A closed engine that a reference cycle keeps alive holds its weights until Python's
-garbage collector runs, which then frees them in the middle of a later engine's
-measurement (its "others'" bytes had counted them): on the H100 sweep with
-``--compile-mode regional`` (each compiled block held its compiled call, which held
-the block), bert-base/torch-compile/fp16 measured peaks of 0 MiB.  A collection runs
-first.
-
 Both are released before every engine is built, so every engine pays for the
 workspaces it uses, and its figure no longer depends on what ran before it.
+
+Device memory that a closed engine leaves to Python's garbage collector is freed when a
+collection happens to run, possibly in the middle of a later engine's measurement, whose
+"others'" bytes had counted it: on the H100 sweep with ``--compile-mode regional``,
+bert-base/torch-compile/fp16 measured peaks of 0 MiB from its third shape on (and the
+engines after it too little), gpt2's engines were not affected.  What held the memory was
+not found (on the CPU no closed engine, regional or not, is kept alive by a cycle:
+docs/results/sweep-h100/warm/probe/cycle.py asks the GPU); a collection now runs first.
 
 Hazard, by design not met today: a CUDA graph captured by a live engine may still
 point at a workspace released here (pytorch/pytorch#193402).  The suite builds

@@ -293,15 +293,6 @@ def compile_repeated_blocks(module: nn.Module, options: dict[str, Any]) -> int:
     return len(blocks)
 
 
-def uncompile_repeated_blocks(module: nn.Module) -> None:
-    """Undo :func:`compile_repeated_blocks`: a compiled block holds its compiled call, which holds the block.
-
-    Left in place, that cycle keeps a closed engine's weights on the device until the garbage
-    collector runs, in the middle of whatever is measured next.
-    """
-    for block in repeated_blocks(module):
-        block._compiled_call_impl = None
-
 
 def _allow_recompiles(count: int) -> None:
     # One static graph per bucket: Dynamo's default of 8 per function would send
@@ -443,8 +434,6 @@ class TorchCompileRunner(KeepsCapturedGraphs, TorchRunner):
 
     def _close(self) -> None:
         self.compiled = None
-        if self.compiled_blocks and self.forward is not None:
-            uncompile_repeated_blocks(self.forward.model)
         # Dynamo's code cache keeps every compiled graph, and with freezing their
         # weight constants, alive after the engine is gone: drop it.  Another
         # live compile engine keeps its captured graphs; a new shape recompiles.

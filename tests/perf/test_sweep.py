@@ -102,7 +102,8 @@ def test_the_report_is_made_from_the_data(swept):
     assert "Not like for like" in report
 
 
-@pytest.mark.parametrize("folder", ["docs/results/sweep-h100/smoke", "docs/results/sweep-h100/full"])
+@pytest.mark.parametrize("folder", ["docs/results/sweep-h100/smoke", "docs/results/sweep-h100/full",
+                                    "docs/results/sweep-h100/warm"])
 def test_a_committed_gpu_report_is_what_its_committed_data_gives(folder):
     folder = ROOT / folder
     assert (folder / "sweep.csv").read_text() == to_csv([flatten(r) for r in ResultStore(folder).records()])

@@ -131,26 +131,6 @@ def test_regional_mode_compiles_one_graph_per_block_class_and_matches_eager(
     assert "mode=regional" in info.mode and f"{blocks} repeated blocks compiled in place" in info.mode
 
 
-def test_a_closed_regional_engine_is_freed_without_the_garbage_collector(tiny_gpt2, engine_cache):
-    """A compiled block holds its compiled call, which holds the block: left as a cycle, a closed engine's weights
-    stayed on the H100 until a collection ran in the middle of the next engine's measurement (peaks of 0 MiB)."""
-    import gc
-    import weakref
-
-    runner = TorchCompileRunner(tiny_gpt2, get_policy("fp16"), "cpu", BuildOptions(cache=engine_cache, compile_mode="regional"))
-    runner.build()
-    runner.infer(_padded_batch(tiny_gpt2, left=True))
-    module = weakref.ref(runner.forward.model)
-    gc.collect()
-    gc.disable()
-    try:
-        runner.close()
-        del runner
-        assert module() is None, [type(r).__name__ for r in gc.get_referrers(module())]
-    finally:
-        gc.enable()
-
-
 def test_regional_mode_needs_named_repeated_blocks(tiny_bert):
     from engines.backends.torch_compile import repeated_blocks
 
