@@ -211,7 +211,8 @@ class ProjectionSlice(nn.Module):
       layer share one weight and run the same GEMM on the same input; Inductor's
       common-subexpression elimination keeps one, so the compiled graph does one
       [hidden, 3 x hidden] GEMM where BERT's code asks for three.  (Eager, each
-      slice would repeat the whole GEMM: only the compiled engine uses this.)
+      slice would repeat the whole GEMM: only the compiled engine uses this, and only
+      where freezing makes the weight a constant: not in regional mode.)
     * An unaligned width padded with zero rows and cut back: GPT-2's 50257-wide LM
       head sent cuBLAS to a slow kernel (an sm75 CUTLASS kernel on the H100, 127 us
       at b1 s128).
@@ -372,7 +373,11 @@ class TorchCompileRunner(KeepsCapturedGraphs, TorchRunner):
 
     def _make_module(self) -> nn.Module:
         module = apply_policy(self.model.module, self.policy)
-        self.fused_qkv_layers = fuse_qkv_projections(module)
+        if self.compile_mode not in REGIONAL_MODES:
+            # Regional graphs take the weights as inputs, and the three slices' GEMMs were then not merged: the
+            # generated code ran the [hidden, 3 x hidden] GEMM three times per layer (tiny-bert on the CPU: 6
+            # addmm per layer against 4; on the H100 regional BERT was 1.25-1.45x slower than the default mode).
+            self.fused_qkv_layers = fuse_qkv_projections(module)
         self.padded_projections = pad_unaligned_projections(module)
         if self.fused_attention:
             register_fused_attention()

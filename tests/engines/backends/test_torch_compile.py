@@ -125,6 +125,9 @@ def test_regional_mode_compiles_one_graph_per_block_class_and_matches_eager(
         regional.infer(TokenBatch(batch.input_ids[:1, :40], batch.attention_mask[:1, :40], "test"))  # bucket (1, 64)
         info = regional.info()
     assert regional.compiled_blocks == blocks
+    # Q|K|V as slices of one GEMM relies on freezing's constant weights: in regional graphs the three slices' GEMMs
+    # stayed three [hidden, 3 x hidden] products, so regional engines keep BERT's three projections.
+    assert regional.fused_qkv_layers == 0
     assert (first_bucket, counters["stats"]["unique_graphs"]) == (block_graphs, 2 * block_graphs)
     valid = batch.attention_mask.bool()
     torch.testing.assert_close(actual[valid], expected[valid], rtol=2e-3, atol=2e-3)
