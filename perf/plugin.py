@@ -8,6 +8,12 @@ or when its peak device memory grew beyond the memory threshold; a last item,
 ``test_suite_aggregate``, fails when the geometric mean over all compared items
 moved beyond the suite threshold.  Engines come from :mod:`engines.plugin`; this
 plugin imports nothing from ``fidelity/``.
+
+Under pytest-xdist (``-n``; :mod:`perf.workers`): each worker times its engines on its
+own device (holding the device's lock, :func:`perf.timing.device_lock`), gates its
+items against its machine id's baseline and writes a shard; the controller merges the
+shards into one ``--benchmark-json`` / ``--benchmark-save`` run, prints one summary and
+decides ``test_suite_aggregate`` over every worker's items.
 """
 
 from __future__ import annotations
