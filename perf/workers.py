@@ -111,6 +111,7 @@ class WorkerShard:
         self.path = None if folder is None else shard_path(Path(folder), self.worker)
         self.refused = refused
         self.aggregate: dict[str, Any] | None = None
+        self.touched = False  # a perf item ran here (a fidelity-only worker writes no shard)
         self._infos: tuple[dict, dict] | None = None
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
@@ -131,9 +132,11 @@ class WorkerShard:
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        self.write()  # the run record's last word (an interrupt)
+        if self.touched:
+            self.write()  # the run record's last word (an interrupt)
 
     def write(self) -> None:
+        self.touched = True
         if self.path is None:
             return
         from pytest_benchmark.utils import safe_dumps
@@ -193,7 +196,6 @@ class MergedRun:
     finished: set[str]  # the perf items the workers finished (node ids)
     interrupted: bool
     baselines: dict[str, str | None]  # {worker: the baseline it compared with}
-    aggregate: dict[str, Any] | None  # the suite aggregate's nodeid and location, when a worker was handed it
 
 
 def merge_shards(shards: list[tuple[str, dict[str, Any]]], order: list[str] | None = None) -> MergedRun:
@@ -234,7 +236,6 @@ def merge_shards(shards: list[tuple[str, dict[str, Any]]], order: list[str] | No
     benchmarks.sort(key=lambda b: rank.get(b.get("fullname"), len(rank)))
     results.sort(key=lambda r: rank.get(r.get("name"), len(rank)))
     records = [data.get(RUN_RECORD_KEY) or {} for _, data in shards]
-    aggregates = [(data.get(SHARD_KEY) or {}).get("aggregate") for _, data in shards]
     return MergedRun(
         workers=[worker for worker, _ in shards],
         machine_info=first.get("machine_info") or {},
@@ -245,8 +246,12 @@ def merge_shards(shards: list[tuple[str, dict[str, Any]]], order: list[str] | No
         finished={nodeid for _, data in shards for nodeid in (data.get(SHARD_KEY) or {}).get("finished") or []},
         interrupted=any(r.get("interrupted") for r in records),
         baselines={worker: (data.get(SHARD_KEY) or {}).get("baseline") for worker, data in shards},
-        aggregate=next((a for a in aggregates if a), None),
     )
+
+
+def aggregate_item(shards: list[tuple[str, dict[str, Any]]]) -> dict[str, Any] | None:
+    """The suite aggregate's node id and location, as the worker handed it wrote them; None when none was."""
+    return next((a for _, data in shards if (a := (data.get(SHARD_KEY) or {}).get("aggregate"))), None)
 
 
 def aggregate_reports(nodeid: str, location: tuple, outcome: str, message: str, *, rootpath: Path) -> list:
@@ -280,6 +285,7 @@ class Controller:
         self.refused: str | None = None
         self._refusal_checked = False
         self.merged: MergedRun | None = None
+        self.aggregate: dict[str, Any] | None = None  # test_suite_aggregate, when the workers collected it
         self.error: str | None = None
 
     # -- start: every worker learns the folder, and whether the run is refused ---------------------------
@@ -313,7 +319,7 @@ class Controller:
     def pytest_runtestloop(self, session: pytest.Session):
         result = yield  # xdist's loop: returns once every worker is down (an interrupt raises past this)
         self.merge()
-        aggregate = self.merged.aggregate if self.merged is not None else None
+        aggregate = self.aggregate
         if aggregate is not None:
             if self.error:
                 outcome, message = "failed", f"the workers' results could not be merged: {self.error}"
@@ -338,6 +344,7 @@ class Controller:
             shards = read_shards(self.folder)
             if not shards:
                 return  # no worker ran a perf item
+            self.aggregate = aggregate_item(shards)
             merged = merge_shards(shards, self.order)
             baseline = None if self.session.baseline is None else str(self.session.baseline.path)
             other = {w: b for w, b in merged.baselines.items() if b != baseline}

@@ -150,7 +150,7 @@ def test_slowed_engines_fail_the_suite_aggregate_at_the_controller(xdist_saved, 
     failed = junit_failures(junit)
     assert list(failed) == ["test_suite_aggregate"], failed
     assert "suite aggregate over 4 compared items" in failed["test_suite_aggregate"]
-    assert "FAILED perf/test_latency.py::test_suite_aggregate - Failed: suite aggregate" in proc.stdout
+    assert "FAILED perf/test_latency.py::test_suite_aggregate" in proc.stdout and "1 failed, 4 passed" in proc.stdout
     assert not leftover_shards(tmp_path)
 
 
@@ -188,6 +188,21 @@ def test_an_interrupted_run_under_xdist_saves_what_the_workers_measured(tmp_path
     assert all(b["extra_info"]["worker"] in ("gw0", "gw1") for b in data["benchmarks"])
     assert "interrupted: what the workers had finished" in output.split("latency gate", 1)[1]
     assert not leftover_shards(tmp_path)
+
+
+@pytest.mark.slow
+def test_results_that_are_not_one_run_fail_the_session_and_nothing_is_saved(tmp_path):
+    """--dist each: every worker times every engine, so each benchmark comes twice and the merge refuses them."""
+    storage = tmp_path / "storage"
+    proc = run(tmp_path, "--dist", "each", "--precisions=fp32", f"--benchmark-storage=file://{storage}",
+               "--benchmark-save=x")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "was measured by both gw0 and gw1 (--dist each?)" in proc.stdout.split("latency gate", 1)[1]
+    assert "FAILED perf/test_latency.py::test_suite_aggregate" in proc.stdout  # the aggregate fails closed
+    assert "the workers' results could not be merged" in proc.stdout.split("FAILURES", 1)[1]
+    assert not list(storage.rglob("*.json"))
+    (kept,) = leftover_shards(tmp_path)  # kept to be looked at, and named in the summary
+    assert sorted(p.name for p in kept.iterdir()) == ["gw0.json", "gw1.json"] and str(kept) in proc.stdout
 
 
 def test_compare_fail_under_xdist_is_a_usage_error(tmp_path):
