@@ -280,10 +280,9 @@ class Controller:
     def __init__(self, config: pytest.Config, session) -> None:
         self.config = config
         self.session = session
-        self.folder = Path(tempfile.mkdtemp(prefix="fidelity-perf-shards-"))
+        self.folder: Path | None = None  # made when the first worker is set up
         self.order: list[str] = []
         self.refused: str | None = None
-        self._refusal_checked = False
         self.merged: MergedRun | None = None
         self.aggregate: dict[str, Any] | None = None  # test_suite_aggregate, when the workers collected it
         self.error: str | None = None
@@ -291,8 +290,8 @@ class Controller:
     # -- start: every worker learns the folder, and whether the run is refused ---------------------------
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node) -> None:
-        if not self._refusal_checked:
-            self._refusal_checked = True
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="fidelity-perf-shards-"))
             self.refused = self._check_machines(int(node.workerinput.get("workercount") or 1))
             if self.refused:
                 self.session.run_notes.append(f"refused: {self.refused}")
@@ -336,7 +335,7 @@ class Controller:
 
     def merge(self) -> None:
         """Read and merge whatever shards exist (once): the session's results become every worker's."""
-        if self.merged is not None or self.error is not None:
+        if self.merged is not None or self.error is not None or self.folder is None:
             return
         from perf.session import PerfResult
 
@@ -370,17 +369,15 @@ class Controller:
     # -- the end: one saved run ------------------------------------------------------------------------
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
-        try:
-            self.merge()  # an interrupted run: what the workers had written
-            if self.error:
-                if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
-                    session.exitstatus = pytest.ExitCode.TESTS_FAILED  # fail closed
-                return
-            if self.merged is not None:
-                self.save(self.merged)
-        finally:
-            if not self.error:
-                shutil.rmtree(self.folder, ignore_errors=True)
+        self.merge()  # an interrupted run: what the workers had written
+        if self.error:  # the shards stay to be looked at (the summary names their folder)
+            if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED  # fail closed
+            return
+        if self.merged is not None:
+            self.save(self.merged)  # should saving fail, the shards stay too
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def save(self, merged: MergedRun) -> None:
         bs = getattr(self.config, "_benchmarksession", None)
@@ -403,5 +400,5 @@ class Controller:
             bs.storage.save(output, save)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
-        if self.error is None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        if self.folder is not None and self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()  # a session that ended before its workers wrote anything
