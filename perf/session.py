@@ -252,9 +252,8 @@ class PerfSession:
             ))
         if not rows:  # pytest-xdist: the workers' results could not be merged (the notes say why)
             return lines
-        lines.append(render_table(
-            (*(("worker",) if placed else ()), "engine", "shape", "median ms", "p99 ms", "vs CPU FP32", "peak MiB", "first call s", "verdict"), rows
-        ))
+        headers = ("engine", "shape", "median ms", "p99 ms", "vs CPU FP32", "peak MiB", "first call s", "verdict")
+        lines.append(render_table((*(("worker",) if placed else ()), *headers), rows))
         inconclusive = [c for r in self.results for c in r.comparisons if c.verdict == "inconclusive"]
         if inconclusive:
             what = "failed (--perf-inconclusive=fail)" if self.options.inconclusive == "fail" else "passed, not decided"

@@ -88,7 +88,8 @@ def enable_on_worker(config: pytest.Config) -> None:
 
         raise pytest.UsageError(
             f"pytest-benchmark {version('pytest-benchmark')} no longer disables itself under pytest-xdist as 5.x did "
-            f"(its session has no {', '.join(missing)}): the benchmarks cannot run under -n with it; run them without -n"
+            f"(its session has no {', '.join(missing)}): the benchmarks cannot run under -n with it; run them "
+            "without -n"
         )
     if bs.xdist_warning:  # disabled by pytest-benchmark because xdist is active, not by --benchmark-disable
         bs.disabled = False
@@ -216,8 +217,8 @@ def merge_shards(shards: list[tuple[str, dict[str, Any]]], order: list[str] | No
         if other != facts:
             differ = sorted(k for k in {*(facts or {}), *(other or {})} if (facts or {}).get(k) != (other or {}).get(k))
             detail = ", ".join(f"{k} {(facts or {}).get(k)!r} vs {(other or {}).get(k)!r}" for k in differ)
-            raise ShardError(f"{first_worker} and {worker} measured on different machines or stacks ({detail}): one run "
-                             "holds one machine id's results")
+            raise ShardError(f"{first_worker} and {worker} measured on different machines or stacks ({detail}): "
+                             "one run holds one machine id's results")
         for key in ("id", "dirty"):
             if (data.get("commit_info") or {}).get(key) != (first.get("commit_info") or {}).get(key):
                 raise ShardError(f"{first_worker} and {worker} ran different commits of the suite")
@@ -227,8 +228,8 @@ def merge_shards(shards: list[tuple[str, dict[str, Any]]], order: list[str] | No
         for bench in data.get("benchmarks") or []:
             name = bench.get("fullname") or bench.get("name")
             if name in seen:
-                raise ShardError(f"{name} was measured by both {seen[name]} and {worker} (--dist each?): each benchmark "
-                                 "runs on one worker (-n, xdist's load distribution)")
+                raise ShardError(f"{name} was measured by both {seen[name]} and {worker} (--dist each?): each "
+                                 "benchmark runs on one worker (-n, xdist's load distribution)")
             seen[name] = worker
             benchmarks.append(bench)
         results.extend((data.get(SHARD_KEY) or {}).get("results") or [])

@@ -91,7 +91,8 @@ def test_two_workers_give_the_serial_runs_benchmarks_each_naming_its_worker_and_
 @pytest.mark.slow
 def test_two_workers_on_one_device_never_time_at_once(serial_and_xdist):
     tmp, _ = serial_and_xdist
-    holds = [(b["extra_info"]["worker"], b["extra_info"]["device_lock"]) for b in benchmarks(tmp / "xdist.json").values()]
+    measured = benchmarks(tmp / "xdist.json").values()
+    holds = [(b["extra_info"]["worker"], b["extra_info"]["device_lock"]) for b in measured]
     assert len({hold["key"] for _, hold in holds}) == 1  # one CPU, one lock
     assert {worker for worker, _ in holds} == {"gw0", "gw1"}
     for (_, a), (_, b) in itertools.combinations(holds, 2):
@@ -156,7 +157,8 @@ def test_slowed_engines_fail_the_suite_aggregate_at_the_controller(xdist_saved, 
 
 @pytest.mark.slow
 def test_each_item_is_gated_on_its_worker_against_the_baseline(xdist_saved, tmp_path):
-    """A baseline doctored per engine (hybrid 1000x faster, fp32 1000x slower): the hybrid items fail, on their worker."""
+    """A baseline doctored per engine (hybrid 1000x faster, fp32 1000x slower): the hybrid items fail, each on its
+    worker."""
     storage, _ = xdist_saved
     scaled = doctored(storage, tmp_path / "b", lambda engine: 1e-3 if engine == "tiny-bert/torch/hybrid" else 1e3)
     junit = tmp_path / "junit.xml"
