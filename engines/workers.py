@@ -14,6 +14,9 @@
   renames node ids to do it, which pytest 9 no longer reads: checked here.)
 * ``--rebuild-engines`` rebuilds an entry once per session: the controller's start time
   travels to every worker, and an entry written after it was rebuilt by this session.
+* The benchmarks (``-m perf``) build on this: each worker times its engines on its own GPU,
+  never two engines at once on one device (a lock per device), and the controller merges
+  their results and decides the suite aggregate; perf/workers.py says how.
 """
 
 from __future__ import annotations

@@ -8,6 +8,12 @@ or when its peak device memory grew beyond the memory threshold; a last item,
 ``test_suite_aggregate``, fails when the geometric mean over all compared items
 moved beyond the suite threshold.  Engines come from :mod:`engines.plugin`; this
 plugin imports nothing from ``fidelity/``.
+
+Under pytest-xdist (``-n``; :mod:`perf.workers`): each worker times its engines on its
+own device (holding the device's lock, :func:`perf.timing.device_lock`), gates its
+items against its machine id's baseline and writes a shard; the controller merges the
+shards into one ``--benchmark-json`` / ``--benchmark-save`` run, prints one summary and
+decides ``test_suite_aggregate`` over every worker's items.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import pytest
 
 from engines.options import OptionError, add_options, collect, usage_errors
 from engines.plugin import factory_of, selection_of
+from engines.workers import worker_id
 from perf.baselines import (
     OPTIONS_KEY,
     RUN_RECORD_KEY,
@@ -32,6 +39,7 @@ from perf.baselines import (
 )
 from perf.options import GRIDS, PERF_OPTIONS, PerfOptions
 from perf.session import PerfSession
+from perf.workers import AGGREGATE_TEST, REFUSAL_KEY, SHARDS_KEY, Controller, WorkerShard, is_controller, timing_device
 
 PERF_KEY = pytest.StashKey[PerfSession]()
 MARKERS = {"perf": "latency and memory benchmarks (pytest-benchmark)"}
@@ -39,7 +47,6 @@ MARKER_KWARGS = {"threshold"}
 DEFAULT_STORAGE = "file://./.benchmarks"  # pytest-benchmark's own default
 # What pyproject's addopts select by default: everything but the benchmarks.
 DEFAULT_MARKEXPR = "not perf"
-AGGREGATE_TEST = "test_suite_aggregate"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -63,7 +70,9 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, description in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
     selection = selection_of(config)
-    device = selection.device
+    # This process's device (a worker's own GPU); at a pytest-xdist controller, its first worker's.
+    device = timing_device(config, selection.device, list(selection.gpus))
+    controller = is_controller(config)
     try:
         options = PerfOptions.from_values(collect(config.getoption, PERF_OPTIONS), device=device)
         compare_spec = getattr(config.option, "benchmark_compare", None)
@@ -72,6 +81,17 @@ def pytest_configure(config: pytest.Config) -> None:
             raise OptionError(
                 "--require-baseline only applies when comparing: add --benchmark-compare (or drop --require-baseline)"
             )
+        if controller and getattr(config.option, "benchmark_compare_fail", None):
+            raise OptionError(
+                "--benchmark-compare-fail is pytest-benchmark's own check, which does not run under pytest-xdist: the "
+                "suite's gate does (--perf-threshold per item, --perf-suite-threshold for the suite); drop it or -n"
+            )
+        from perf.timing import check_device_locks_folder
+
+        try:
+            check_device_locks_folder()
+        except ValueError as exc:
+            raise OptionError(str(exc)) from None
         if options.memory_cap_gib is not None:
             from perf.timing import cap_device_memory
 
@@ -122,6 +142,15 @@ def pytest_configure(config: pytest.Config) -> None:
     session.baseline_notes = notes
     config.stash[PERF_KEY] = session
     config.pluginmanager.register(RunProgress(session), "fidelity-perf-progress")
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:  # a pytest-xdist worker: its results go to its shard (perf/workers.py)
+        session.worker, session.workers = worker_id(config), int(workerinput.get("workercount") or 1)
+        config.pluginmanager.register(
+            WorkerShard(config, session, workerinput.get(SHARDS_KEY), workerinput.get(REFUSAL_KEY)),
+            "fidelity-perf-worker",
+        )
+    elif controller:  # the controller merges the workers' shards and decides the suite aggregate
+        config.pluginmanager.register(Controller(config, session), "fidelity-perf-controller")
 
 
 def _is_aggregate(item: pytest.Item) -> bool:
@@ -166,12 +195,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="session")
 def perf_session(request: pytest.FixtureRequest) -> PerfSession:
-    from engines.workers import worker_id
-
-    if worker_id(request.config) is not None:
-        # Workers would time engines side by side on one CPU (or GPU), and each would gate its own suite
-        # aggregate: not measured until one worker per GPU and a merged aggregate exist.
-        pytest.skip("the benchmarks do not run under pytest-xdist yet: run `pytest -m perf` without -n")
+    worker = request.config.pluginmanager.get_plugin("fidelity-perf-worker")
+    if worker is not None and worker.refused:
+        pytest.fail(worker.refused, pytrace=False)
     return request.config.stash[PERF_KEY]
 
 
@@ -218,7 +244,7 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     session = config.stash.get(PERF_KEY, None)
-    if session is None or not session.results:
+    if session is None or not (session.results or session.run_notes):
         return
     terminalreporter.write_sep("=", "latency gate")
     for line in session.summary_lines():

@@ -22,6 +22,7 @@ from perf.stats import Comparison, SuiteAggregate, compare_memory, compare_sampl
 from perf.timing import (
     CpuBaseline,
     TimedEngine,
+    device_lock,
     device_used_bytes,
     first_call_seconds,
     peak_device_bytes,
@@ -50,6 +51,9 @@ class PerfResult:
     engine_reported_bytes: int | None = None
     comparisons: list[Comparison] = dataclasses.field(default_factory=list)
     note: str = ""
+    device: str | None = None  # where it ran: "cuda:1", "cpu"
+    gpu_index: int | None = None
+    worker: str | None = None  # the pytest-xdist worker that measured it (gw0, ...); None in one process
 
     @classmethod
     def of(
@@ -58,6 +62,7 @@ class PerfResult:
     ) -> "PerfResult":
         """The result of ``call``'s timed ``samples`` at ``shape``, with one more call for its peak memory."""
         runner = call.runner
+        device = runner.device
         return cls(
             name=name,
             engine=runner.name,
@@ -70,7 +75,19 @@ class PerfResult:
             first_call_s=first_call_s,
             device_used_bytes=device_used_bytes(runner.device),
             engine_reported_bytes=runner.memory().outside_allocator_bytes or None,
+            device=str(device),
+            gpu_index=(device.index if device.index is not None else torch.cuda.current_device())
+            if device.type == "cuda" else None,
         )
+
+    def record(self) -> dict[str, Any]:
+        """This result as JSON data (a pytest-xdist worker's shard): :meth:`from_record` reads it back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> "PerfResult":
+        return cls(**{**data, "shape": tuple(data["shape"]),
+                      "comparisons": [Comparison(**c) for c in data.get("comparisons") or []]})
 
     @property
     def speedup_over_cpu(self) -> float | None:
@@ -93,6 +110,8 @@ class PerfResult:
             "first_call_s": self.first_call_s,
             "cpu_fp32_median_ms": None if self.cpu_fp32_median_s is None else self.cpu_fp32_median_s * 1e3,
             "speedup_over_cpu_fp32": self.speedup_over_cpu,
+            "device": self.device,
+            "gpu_index": self.gpu_index,
         }
 
 
@@ -113,6 +132,11 @@ class PerfSession:
         self.interrupted = False
         self.results: list[PerfResult] = []
         self.cpu = CpuBaseline(factory)
+        # pytest-xdist: this process's worker id and the number of workers (None, None in one process), and
+        # at the controller what it says about the workers' merged results (perf.workers).
+        self.worker: str | None = None
+        self.workers: int | None = None
+        self.run_notes: list[str] = []
 
     def gates(self, backend: str) -> bool:
         """Whether a regression of this backend fails its test (others are compared and reported)."""
@@ -139,15 +163,20 @@ class PerfSession:
     def measure(self, benchmark, runner: Runner, shape: tuple[int, int]) -> PerfResult:
         delay, factor = self.options.slowdown_for(runner.name)
         call = TimedEngine(runner, staged_inputs(runner, *shape), delay, factor)
-        first_call = first_call_seconds(call)
-        benchmark.pedantic(
-            call, setup=call.setup, rounds=self.options.rounds, warmup_rounds=self.options.warmup, iterations=1
-        )
-        result = PerfResult.of(
-            benchmark.fullname, call, shape, list(benchmark.stats.stats.data),
-            cpu_fp32_median_s=self.cpu_fp32_median(runner, shape), first_call_s=first_call,
-        )
+        # Everything that runs the engine is timed or measured: under its device's lock (perf.timing.device_lock).
+        with device_lock(runner.device) as hold:
+            first_call = first_call_seconds(call)
+            benchmark.pedantic(
+                call, setup=call.setup, rounds=self.options.rounds, warmup_rounds=self.options.warmup, iterations=1
+            )
+            result = PerfResult.of(
+                benchmark.fullname, call, shape, list(benchmark.stats.stats.data),
+                cpu_fp32_median_s=None, first_call_s=first_call,
+            )
+        result.worker = self.worker
+        result.cpu_fp32_median_s = self.cpu_fp32_median(runner, shape)  # after: under the CPU's own lock
         benchmark.extra_info.update(result.extra_info())
+        benchmark.extra_info.update(worker=self.worker, workers=self.workers, device_lock=hold.record())
         self.results.append(result)
         return result
 
@@ -189,16 +218,29 @@ class PerfSession:
         ]
         return suite_aggregate(compared, threshold=self.options.suite_threshold)
 
+    def aggregate_verdict(self) -> tuple[str, str]:
+        """``test_suite_aggregate``'s outcome ("skipped", "passed" or "failed") and its message.
+
+        The one definition for both places it is decided: the test item in one process, and the
+        pytest-xdist controller over every worker's merged results (perf.workers).
+        """
+        if not self.gate_enabled or self.baseline is None:
+            return "skipped", "no baseline compared (--benchmark-compare with a stored baseline): nothing to aggregate"
+        aggregate = self.aggregate()
+        return ("failed" if aggregate.failed else "passed"), aggregate.message()
+
     def summary_lines(self) -> list[str]:
-        lines = list(self.baseline_notes)
+        lines = [*self.baseline_notes, *self.run_notes]
         if self.baseline is not None:
             lines.append(f"baseline: {self.baseline.path}")
+        placed = any(r.worker for r in self.results)  # pytest-xdist: which worker and device measured each
         rows = []
         for r in self.results:
             verdicts = ", ".join(c.verdict for c in r.comparisons) or r.note or "measured"
             if r.comparisons and not self.gates(split_engine_name(r.engine)[1]):
                 verdicts += " (not gated)"
             rows.append((
+                *((f"{r.worker} {r.device}",) if placed else ()),
                 r.engine,
                 f"b{r.shape[0]} s{r.shape[1]}",
                 f"{r.median_s * 1e3:.3f}",
@@ -208,9 +250,10 @@ class PerfSession:
                 "-" if r.first_call_s is None else f"{r.first_call_s:.2f}",
                 verdicts,
             ))
-        lines.append(render_table(
-            ("engine", "shape", "median ms", "p99 ms", "vs CPU FP32", "peak MiB", "first call s", "verdict"), rows
-        ))
+        if not rows:  # pytest-xdist: the workers' results could not be merged (the notes say why)
+            return lines
+        headers = ("engine", "shape", "median ms", "p99 ms", "vs CPU FP32", "peak MiB", "first call s", "verdict")
+        lines.append(render_table((*(("worker",) if placed else ()), *headers), rows))
         inconclusive = [c for r in self.results for c in r.comparisons if c.verdict == "inconclusive"]
         if inconclusive:
             what = "failed (--perf-inconclusive=fail)" if self.options.inconclusive == "fail" else "passed, not decided"

@@ -216,19 +216,21 @@ class Sweep:
         """The benchmarks' measurement of one engine at one shape (perf.session.PerfResult), with the sweep's extras."""
         from perf.session import PerfResult
         from perf.stats import relative_spread
-        from perf.timing import TimedEngine, first_call_seconds, sample_seconds, staged_inputs
+        from perf.timing import TimedEngine, device_lock, first_call_seconds, sample_seconds, staged_inputs
 
         call = TimedEngine(runner, staged_inputs(runner, *shape))
-        first = first_call_seconds(call)
-        samples = sample_seconds(call, warmup=self.options.warmup, rounds=self.options.rounds)
-        cpu = self.cpu.median_seconds(runner.model.name, shape) if self.options.cpu_baseline else None
-        result = PerfResult.of(config_key(runner.name, *shape), call, shape, samples, cpu_fp32_median_s=cpu,
-                               first_call_s=first)
+        with device_lock(runner.device):  # never two engines timed on one device at once (a benchmark run beside)
+            first = first_call_seconds(call)
+            samples = sample_seconds(call, warmup=self.options.warmup, rounds=self.options.rounds)
+            result = PerfResult.of(config_key(runner.name, *shape), call, shape, samples, cpu_fp32_median_s=None,
+                                   first_call_s=first)
+        if self.options.cpu_baseline:  # under the CPU's own lock
+            result.cpu_fp32_median_s = self.cpu.median_seconds(runner.model.name, shape)
         return {
             **result.extra_info(),
             "spread": relative_spread(samples),
             "rounds": len(samples),
-            "cpu_fp32_rounds": None if cpu is None else self.cpu.rounds,
+            "cpu_fp32_rounds": None if result.cpu_fp32_median_s is None else self.cpu.rounds,
             "fidelity": self.fidelity(runner, shape),
         }
 

@@ -1,9 +1,9 @@
 """`pytest -m perf`: latency and memory of every selected engine over the batch x sequence grid.
 
 With --benchmark-compare each item also compares itself with this machine's
-baseline and fails when it regressed, and ``test_suite_aggregate`` (run last)
-fails when the suite as a whole slowed beyond --perf-suite-threshold
-(see perf/plugin.py).
+baseline and fails when it regressed, and ``test_suite_aggregate`` (run last;
+under pytest-xdist decided by the controller over every worker's results) fails
+when the suite as a whole slowed beyond --perf-suite-threshold (see perf/plugin.py).
 """
 
 from __future__ import annotations
@@ -37,9 +37,13 @@ def test_latency(engine, perf_shape, benchmark, perf_session, perf_threshold) ->
 
 
 def test_suite_aggregate(perf_session) -> None:
-    """The geometric mean of candidate/baseline medians over every compared item: a uniform slowdown fails here."""
-    if not perf_session.gate_enabled or perf_session.baseline is None:
-        pytest.skip("no baseline compared (--benchmark-compare with a stored baseline): nothing to aggregate")
-    aggregate = perf_session.aggregate()
-    if aggregate.failed:
-        pytest.fail(aggregate.message(), pytrace=False)
+    """The geometric mean of candidate/baseline medians over every compared item: a uniform slowdown fails here.
+
+    Under pytest-xdist no worker runs it: the controller decides it over every worker's results, with the
+    same verdict (PerfSession.aggregate_verdict), and reports it under this test's id (perf/workers.py).
+    """
+    outcome, message = perf_session.aggregate_verdict()
+    if outcome == "skipped":
+        pytest.skip(message)
+    if outcome == "failed":
+        pytest.fail(message, pytrace=False)

@@ -4,13 +4,25 @@ GPU work is asynchronous, so every timed call ends with a device synchronize
 before the clock is read, and the device is idle when the clock starts (the
 untimed setup synchronizes).  Inputs rotate among several pre-staged batches so
 a result is never a cache artifact of one buffer.  Warm-up rounds run first.
+
+Never two engines timed on one device at once: whatever is timed runs under the
+device's lock (:func:`device_lock`), a file lock per physical device of this host
+(the CPU, or a GPU by its UUID), shared by every process of this user: pytest-xdist
+workers that share a device (``-n 2`` on the CPU, ``--device cuda:0 -n 2``) take
+turns, workers on different GPUs never wait on each other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import re
+import socket
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +32,80 @@ from engines.batch import TokenBatch
 from perf.stats import median
 
 INPUT_COPIES = 4
+# Where the device locks live: $FIDELITY_DEVICE_LOCKS, else a folder of this user's in the system's temp folder.
+DEVICE_LOCKS_ENV = "FIDELITY_DEVICE_LOCKS"
+
+
+def device_locks_folder() -> Path:
+    configured = os.environ.get(DEVICE_LOCKS_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"fidelity-device-locks-{user}"
+
+
+def check_device_locks_folder() -> Path:
+    """The lock folder, created: ValueError naming $FIDELITY_DEVICE_LOCKS when it cannot be (before any timing)."""
+    folder = device_locks_folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe."):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"the device locks' folder {folder} cannot be written ({exc.strerror or exc}): set {DEVICE_LOCKS_ENV} "
+            "to a writable folder on this host"
+        ) from None
+    return folder
+
+
+def device_key(device: torch.device) -> str:
+    """One physical device of this host: ``<host>-cpu``, or ``<host>-gpu-<UUID>`` whatever index CUDA gives it."""
+    host = socket.gethostname()
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        where = f"gpu-{uuid}" if uuid else f"cuda{index}-of-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}"
+    else:
+        where = device.type
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{host}-{where}")
+
+
+@dataclasses.dataclass
+class DeviceHold:
+    """One hold of a device's lock: when it was asked for, got and given back (``time.time()``, one clock per host)."""
+
+    key: str
+    requested: float
+    acquired: float | None = None
+    released: float | None = None
+
+    def record(self) -> dict[str, Any]:
+        waited = None if self.acquired is None else self.acquired - self.requested
+        return {"key": self.key, "requested": self.requested, "acquired": self.acquired, "released": self.released,
+                "waited_s": waited}
+
+
+_LOCKS: dict[str, Any] = {}  # one FileLock per lock file and process (a FileLock counts its own re-entries)
+
+
+@contextlib.contextmanager
+def device_lock(device: torch.device | str) -> Iterator[DeviceHold]:
+    """Hold ``device`` for timing: waits while another process of this user times on the same device."""
+    from filelock import FileLock
+
+    key = device_key(torch.device(device))
+    folder = device_locks_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = str(folder / f"{key}.lock")
+    lock = _LOCKS.setdefault(path, FileLock(path))
+    hold = DeviceHold(key, time.time())
+    with lock:
+        hold.acquired = time.time()
+        try:
+            yield hold
+        finally:
+            hold.released = time.time()
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -156,7 +242,8 @@ class CpuBaseline:
                 self._runners[model] = self.factory.build(self.factory.cpu_baseline_spec(model), device="cpu")
             runner = self._runners[model]
             call = TimedEngine(runner, staged_inputs(runner, *shape, copies=2))
-            self._medians[key] = median(sample_seconds(call, warmup=1, rounds=self.rounds))
+            with device_lock(runner.device):
+                self._medians[key] = median(sample_seconds(call, warmup=1, rounds=self.rounds))
         return self._medians[key]
 
     def medians(self) -> dict[str, float]:

@@ -43,7 +43,8 @@ def engine_cache(tmp_path_factory):
 
 @pytest.fixture
 def interrupted_run():
-    """``interrupted_run(args, cwd)``: run a pytest session, send it Ctrl-C after its first PASSED item.
+    """``interrupted_run(args, cwd, env=None)``: run a pytest session (``env`` added to this one's), send it Ctrl-C
+    after its first PASSED item.
 
     Returns ``(exit code, output)``; pytest's exit code for an interrupted session is 2.
     """
@@ -52,8 +53,8 @@ def interrupted_run():
     import subprocess
     import sys
 
-    def run(args: list[str], cwd) -> tuple[int, str]:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    def run(args: list[str], cwd, env: dict[str, str] | None = None) -> tuple[int, str]:
+        env = dict(os.environ, **(env or {}), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", *args],
             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The latency gate: measure, store, compare.  The sweep (perf/sweep.py) judges fidelity too and may import it.
-GATE_MODULES = ("plugin", "session", "stats", "baselines", "timing", "options", "report", "compare", "roofline",
+GATE_MODULES = ("plugin", "session", "stats", "baselines", "timing", "options", "report", "compare", "roofline", "workers",
                 "test_latency", "__init__")
 
 

@@ -1,0 +1,270 @@
+"""The benchmarks under pytest-xdist, on the CPU with real engines and real workers: one merged run, the device lock,
+the per-item gates on the workers and the suite aggregate at the controller.
+
+Every run here gets its own temporary folder (TMPDIR): the workers' shards and the device locks live there, so a
+leftover shard is seen and these runs do not wait on the lock of another test session's timing.
+"""
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_perf_gate import SELECT, doctored, junit_failures
+
+from perf.workers import ShardError, merge_shards, read_shards, refusal
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINES = {"tiny-bert/torch/fp32", "tiny-bert/torch/hybrid"}
+# Items allowed any slowdown: where a test is about the machinery, this machine's noise must not decide.
+LENIENT = ("--perf-threshold=1e6", "--perf-memory-threshold=1e6", "--perf-suite-threshold=1e6")
+
+
+def private_tmp(tmp_path: Path) -> dict[str, str]:
+    folder = tmp_path / "tmpdir"
+    folder.mkdir(exist_ok=True)
+    return {"TMPDIR": str(folder)}
+
+
+def run(tmp_path: Path, *args: str, workers: int | None = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **private_tmp(tmp_path))
+    xdist = ["-n", str(workers)] if workers else []
+    return subprocess.run([sys.executable, "-m", "pytest", *SELECT, *xdist, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def leftover_shards(tmp_path: Path) -> list[Path]:
+    return list((tmp_path / "tmpdir").glob("fidelity-perf-shards-*"))
+
+
+def benchmarks(path: Path) -> dict[str, dict]:
+    return {b["fullname"]: b for b in json.loads(path.read_text())["benchmarks"]}
+
+
+@pytest.fixture(scope="module")
+def serial_and_xdist(tmp_path_factory):
+    """One run in one process and one with two workers (each call slowed 20 ms, so that the workers' timing
+    overlaps in time and the lock has something to keep apart), both with --benchmark-json."""
+    tmp = tmp_path_factory.mktemp("xdist-json")
+    serial = run(tmp, f"--benchmark-json={tmp / 'serial.json'}", workers=None)
+    assert serial.returncode == 0, serial.stdout[-3000:] + serial.stderr[-2000:]
+    proc = run(tmp, f"--benchmark-json={tmp / 'xdist.json'}", "--perf-slow-engine", "*=20", "-v")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    return tmp, proc
+
+
+@pytest.mark.slow
+def test_two_workers_give_the_serial_runs_benchmarks_each_naming_its_worker_and_device(serial_and_xdist):
+    tmp, proc = serial_and_xdist
+    one, two = benchmarks(tmp / "serial.json"), benchmarks(tmp / "xdist.json")
+    assert len(one) == 4 and set(two) == set(one)  # 2 engines x 2 shapes, no row lost or doubled
+    assert all(b["extra_info"]["worker"] is None and b["extra_info"]["workers"] is None for b in one.values())
+    workers = {}
+    for name, bench in two.items():
+        info = bench["extra_info"]
+        assert info["worker"] in ("gw0", "gw1") and info["workers"] == 2, info
+        assert info["device"] == "cpu" and info["gpu_index"] is None
+        assert len(bench["stats"]["data"]) == 12  # every round, as in one process
+        workers.setdefault(info["engine"], set()).add(info["worker"])
+    # Each engine timed by one worker, and both workers timed one.
+    assert set(workers) == ENGINES and all(len(w) == 1 for w in workers.values()), workers
+    assert set().union(*workers.values()) == {"gw0", "gw1"}
+    data = json.loads((tmp / "xdist.json").read_text())
+    assert data["fidelity_suite_run"] == {"schema": 1, "selected": 4, "finished": 4, "interrupted": False,
+                                          "complete": True}
+    assert "fidelity_suite_shard" not in data  # a shard's own block stays in the shards
+    assert data["machine_info"]["fidelity_suite"]["machine_id"].startswith("cpu-")
+    # One latency gate summary at the controller, over both workers' results; the shards are merged and gone.
+    summary = proc.stdout.split("latency gate", 1)[1]
+    assert "4 benchmarks from 2 workers" in summary and "gw0 cpu" in summary and "gw1 cpu" in summary
+    assert "Benchmarks are automatically disabled" not in proc.stdout + proc.stderr
+    assert not leftover_shards(tmp)
+    # No baseline compared: the suite aggregate is skipped once, with the reason, as in one process.
+    assert "perf/test_latency.py::test_suite_aggregate SKIPPED" in proc.stdout
+    assert re.search(r"SKIPPED \[1\] perf/test_latency\.py:\d+: no baseline compared", proc.stdout)
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_device_never_time_at_once(serial_and_xdist):
+    tmp, _ = serial_and_xdist
+    measured = benchmarks(tmp / "xdist.json").values()
+    holds = [(b["extra_info"]["worker"], b["extra_info"]["device_lock"]) for b in measured]
+    assert len({hold["key"] for _, hold in holds}) == 1  # one CPU, one lock
+    assert {worker for worker, _ in holds} == {"gw0", "gw1"}
+    for (_, a), (_, b) in itertools.combinations(holds, 2):
+        assert a["released"] <= b["acquired"] or b["released"] <= a["acquired"], (a, b)  # the timed spans are apart
+    # ...and the workers did want the device at once: a hold asked for while the other worker's was on.
+    contended = [
+        (w, h) for (w, h), (v, g) in itertools.permutations(holds, 2)
+        if w != v and g["acquired"] <= h["requested"] < g["released"]
+    ]
+    assert contended, holds
+    assert all(h["acquired"] >= h["requested"] and h["waited_s"] >= 0 for _, h in contended)
+
+
+@pytest.fixture(scope="module")
+def xdist_saved(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("xdist-save")
+    storage = tmp / "baselines" / "cpu-machine"
+    proc = run(tmp, f"--benchmark-storage=file://{storage}", "--benchmark-save=baseline")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert not leftover_shards(tmp)
+    return storage, proc
+
+
+@pytest.mark.slow
+def test_a_run_saved_under_xdist_is_one_baseline_that_a_compare_under_xdist_passes_against(xdist_saved, tmp_path):
+    storage, saved = xdist_saved
+    (file,) = storage.rglob("*.json")  # one run saved by the controller, not one per worker
+    assert file.name == "0001_baseline.json" and f"Saved benchmark data in: {file}" in saved.stderr
+    data = json.loads(file.read_text())
+    assert data["fidelity_suite_run"]["complete"] and data["fidelity_suite_run"]["selected"] == 4
+    assert {b["extra_info"]["engine"] for b in data["benchmarks"]} == ENGINES and len(data["benchmarks"]) == 4
+    assert all(len(b["stats"]["data"]) == 12 for b in data["benchmarks"])  # every round kept for the gate
+
+    junit = tmp_path / "junit.xml"
+    proc = run(tmp_path, f"--benchmark-storage=file://{storage}", "--benchmark-compare", *LENIENT,
+               f"--junitxml={junit}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = proc.stdout.split("latency gate", 1)[1]
+    assert f"baseline: {file}" in summary and "suite aggregate over 4 compared items" in summary
+    assert "5 passed" in proc.stdout  # the four items and the suite aggregate, decided at the controller
+    assert not junit_failures(junit)
+    assert 'name="test_suite_aggregate"' in junit.read_text()
+
+
+@pytest.mark.slow
+def test_slowed_engines_fail_the_suite_aggregate_at_the_controller(xdist_saved, tmp_path):
+    """Every call 100 ms slower, items allowed any slowdown: only the aggregate over both workers' items fails.
+
+    Live, not doctored: 100 ms on top of calls of about a millisecond is beyond any noise of this machine.
+    """
+    storage, _ = xdist_saved
+    junit = tmp_path / "junit.xml"
+    proc = run(tmp_path, f"--benchmark-storage=file://{storage}", "--benchmark-compare", "--perf-threshold=1e6",
+               "--perf-memory-threshold=1e6", "--perf-slow-engine", "*=100", f"--junitxml={junit}")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    failed = junit_failures(junit)
+    assert list(failed) == ["test_suite_aggregate"], failed
+    assert "suite aggregate over 4 compared items" in failed["test_suite_aggregate"]
+    assert "FAILED perf/test_latency.py::test_suite_aggregate" in proc.stdout and "1 failed, 4 passed" in proc.stdout
+    assert not leftover_shards(tmp_path)
+
+
+@pytest.mark.slow
+def test_each_item_is_gated_on_its_worker_against_the_baseline(xdist_saved, tmp_path):
+    """A baseline doctored per engine (hybrid 1000x faster, fp32 1000x slower): the hybrid items fail, each on its
+    worker."""
+    storage, _ = xdist_saved
+    scaled = doctored(storage, tmp_path / "b", lambda engine: 1e-3 if engine == "tiny-bert/torch/hybrid" else 1e3)
+    junit = tmp_path / "junit.xml"
+    proc = run(tmp_path, f"--benchmark-storage=file://{scaled}", "--benchmark-compare", "--perf-suite-threshold=100",
+               f"--junitxml={junit}", "-v")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    failed = junit_failures(junit)
+    assert set(failed) == {"test_latency[b1s32-tiny-bert/torch/hybrid]", "test_latency[b4s64-tiny-bert/torch/hybrid]"}
+    assert all("x slower (median" in m for m in failed.values())
+    assert proc.stdout.count("] FAILED perf/test_latency.py::test_latency[") == 2  # "[gwN] FAILED": a worker's item
+    assert "refresh the baseline" in proc.stdout.split("latency gate", 1)[1]
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_under_xdist_saves_what_the_workers_measured(tmp_path, interrupted_run):
+    storage = tmp_path / "storage"
+    # 150 ms per call makes each item last seconds: Ctrl-C (to the controller) lands while both workers time.
+    code, output = interrupted_run(
+        [*SELECT, "-n", "2", f"--benchmark-storage=file://{storage}", "--benchmark-save=nightly",
+         "--perf-slow-engine", "*=150"],
+        ROOT, env=private_tmp(tmp_path),
+    )
+    assert code == 2, output[-3000:]  # pytest's "interrupted"
+    (saved,) = storage.rglob("0001_nightly.json")
+    data = json.loads(saved.read_text())
+    record = data["fidelity_suite_run"]
+    assert record["interrupted"] and not record["complete"] and record["selected"] == 4
+    assert 1 <= len(data["benchmarks"]) <= record["finished"] < 4  # every item a worker finished is kept
+    assert all(b["extra_info"]["worker"] in ("gw0", "gw1") for b in data["benchmarks"])
+    assert "interrupted: what the workers had finished" in output.split("latency gate", 1)[1]
+    assert not leftover_shards(tmp_path)
+
+
+@pytest.mark.slow
+def test_results_that_are_not_one_run_fail_the_session_and_nothing_is_saved(tmp_path):
+    """--dist each: every worker times every engine, so each benchmark comes twice and the merge refuses them."""
+    storage = tmp_path / "storage"
+    proc = run(tmp_path, "--dist", "each", "--precisions=fp32", f"--benchmark-storage=file://{storage}",
+               "--benchmark-save=x")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "was measured by both gw0 and gw1 (--dist each?)" in proc.stdout.split("latency gate", 1)[1]
+    assert "FAILED perf/test_latency.py::test_suite_aggregate" in proc.stdout  # the aggregate fails closed
+    assert "the workers' results could not be merged" in proc.stdout.split("FAILURES", 1)[1]
+    assert not list(storage.rglob("*.json"))
+    (kept,) = leftover_shards(tmp_path)  # kept to be looked at, and named in the summary
+    assert sorted(p.name for p in kept.iterdir()) == ["gw0.json", "gw1.json"] and str(kept) in proc.stdout
+
+
+def test_compare_fail_under_xdist_is_a_usage_error(tmp_path):
+    proc = run(tmp_path, "--benchmark-compare", "--benchmark-compare-fail=mean:5%", "--co")
+    assert proc.returncode == 4 and "--benchmark-compare-fail is pytest-benchmark's own check" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_unwritable_lock_folder_is_a_usage_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", FIDELITY_DEVICE_LOCKS=str(blocker / "locks"))
+    proc = subprocess.run([sys.executable, "-m", "pytest", *SELECT, "--co"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "FIDELITY_DEVICE_LOCKS" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- the merge, on shards as the workers write them ---------------------------------------------------------------
+
+
+def shard(worker: str, names: list[str], *, machine: str = "cpu-x86_64-Test", commit: str = "abc") -> dict:
+    return {
+        "machine_info": {"node": worker, "cpu": {"hz_actual": [hash(worker), 0]},  # differs between readings
+                         "fidelity_suite": {"machine_id": machine, "numerics": "production"}},
+        "commit_info": {"id": commit, "dirty": False},
+        "benchmarks": [{"fullname": n, "name": n.rpartition("::")[2], "stats": {"data": [1.0] * 5}} for n in names],
+        "fidelity_suite_run": {"selected": 3, "finished": len(names), "interrupted": False},
+        "fidelity_suite_shard": {"worker": worker, "results": [{"name": n, "worker": worker} for n in names],
+                                 "finished": names, "baseline": None, "aggregate": None},
+    }
+
+
+def test_shards_merge_into_one_run_in_collection_order():
+    order = ["t.py::a", "t.py::b", "t.py::c"]
+    merged = merge_shards([("gw0", shard("gw0", ["t.py::c", "t.py::a"])), ("gw1", shard("gw1", ["t.py::b"]))], order)
+    assert [b["fullname"] for b in merged.benchmarks] == order
+    assert [r["name"] for r in merged.results] == order
+    assert merged.selected == 3 and merged.finished == set(order) and not merged.interrupted
+    assert merged.workers == ["gw0", "gw1"]
+
+
+@pytest.mark.parametrize("second,message", [
+    (shard("gw1", ["t.py::b"], machine="sm90-NVIDIA_H100_80GB_HBM3"), "different machines or stacks (machine_id"),
+    (shard("gw1", ["t.py::b"], commit="def"), "ran different commits"),
+    (shard("gw1", ["t.py::a"]), "t.py::a was measured by both gw0 and gw1"),
+])
+def test_shards_that_are_not_one_run_are_refused(second, message):
+    with pytest.raises(ShardError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        merge_shards([("gw0", shard("gw0", ["t.py::a"])), ("gw1", second)])
+
+
+def test_an_unreadable_shard_is_named(tmp_path):
+    (tmp_path / "gw0.json").write_text(json.dumps(shard("gw0", ["t.py::a"])))
+    (tmp_path / "gw1.json").write_text('{"benchmarks": [')  # cut off
+    with pytest.raises(ShardError, match="the shard of gw1"):
+        read_shards(tmp_path)
+
+
+def test_workers_on_gpus_of_different_models_are_refused():
+    assert refusal({"gw0": "sm90-NVIDIA_H100_80GB_HBM3", "gw1": "sm90-NVIDIA_H100_80GB_HBM3"}) is None
+    message = refusal({"gw0": "sm90-NVIDIA_H100_80GB_HBM3", "gw1": "sm80-NVIDIA_A100_SXM4_80GB"})
+    assert "gw0 sm90-NVIDIA_H100_80GB_HBM3, gw1 sm80-NVIDIA_A100_SXM4_80GB" in message and "--gpus" in message
