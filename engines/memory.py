@@ -17,11 +17,11 @@ workspaces it uses, and its figure no longer depends on what ran before it.
 
 Device memory that a closed engine leaves to Python's garbage collector is freed when a
 collection happens to run, possibly in the middle of a later engine's measurement, whose
-"others'" bytes had counted it: on the H100 sweep with ``--compile-mode regional``,
-bert-base/torch-compile/fp16 measured peaks of 0 MiB from its third shape on (and the
-engines after it too little), gpt2's engines were not affected.  What held the memory was
-not found (on the CPU no closed engine, regional or not, is kept alive by a cycle:
-docs/results/sweep-h100/warm/probe/cycle.py asks the GPU); a collection now runs first.
+"others'" bytes had counted it: on the H100 sweep with ``--compile-mode regional`` (each
+compiled block held its compiled call, which held the block: fixed in
+:mod:`engines.backends.torch_compile`), bert-base/torch-compile/fp16 measured 0 MiB peaks
+at two shapes and too little at every later one.  A collection runs first, for any other
+cycle.
 
 Hazard, by design not met today: a CUDA graph captured by a live engine may still
 point at a workspace released here (pytorch/pytorch#193402).  The suite builds

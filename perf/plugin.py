@@ -39,7 +39,7 @@ from perf.baselines import (
 )
 from perf.options import GRIDS, PERF_OPTIONS, PerfOptions
 from perf.session import PerfSession
-from perf.workers import AGGREGATE_TEST, REFUSAL_KEY, SHARDS_KEY, Controller, WorkerShard, is_controller, timing_device
+from perf.workers import REFUSAL_KEY, SHARDS_KEY, Controller, WorkerShard, is_aggregate, is_controller, timing_device
 
 PERF_KEY = pytest.StashKey[PerfSession]()
 MARKERS = {"perf": "latency and memory benchmarks (pytest-benchmark)"}
@@ -88,10 +88,7 @@ def pytest_configure(config: pytest.Config) -> None:
             )
         from perf.timing import check_device_locks_folder
 
-        try:
-            check_device_locks_folder()
-        except ValueError as exc:
-            raise OptionError(str(exc)) from None
+        check_device_locks_folder()
         if options.memory_cap_gib is not None:
             from perf.timing import cap_device_memory
 
@@ -154,7 +151,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _is_aggregate(item: pytest.Item) -> bool:
-    return getattr(item, "originalname", item.name) == AGGREGATE_TEST
+    return is_aggregate(item.nodeid)
 
 
 class RunProgress:
@@ -176,7 +173,7 @@ class RunProgress:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Finished: its call ran, or setup skipped or failed it (an OOM skip is finished).
-        if AGGREGATE_TEST in report.nodeid:
+        if is_aggregate(report.nodeid):
             return
         if "perf" in report.keywords and (report.when == "call" or (report.when == "setup" and not report.passed)):
             self.session.finished.add(report.nodeid)

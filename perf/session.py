@@ -25,6 +25,7 @@ from perf.timing import (
     device_lock,
     device_used_bytes,
     first_call_seconds,
+    gpu_index,
     peak_device_bytes,
     staged_inputs,
 )
@@ -76,8 +77,7 @@ class PerfResult:
             device_used_bytes=device_used_bytes(runner.device),
             engine_reported_bytes=runner.memory().outside_allocator_bytes or None,
             device=str(device),
-            gpu_index=(device.index if device.index is not None else torch.cuda.current_device())
-            if device.type == "cuda" else None,
+            gpu_index=gpu_index(device),
         )
 
     def record(self) -> dict[str, Any]:

@@ -404,6 +404,9 @@ def parse_run(argv: list[str]) -> tuple[Sweep, str]:
             cpu_baseline=not values.get("no_cpu_baseline"),
             fidelity=not values.get("no_fidelity"),
         )
+        from perf.timing import check_device_locks_folder
+
+        check_device_locks_folder()  # timing holds a device lock: an unwritable lock folder is named now
         sweep = Sweep(selection, options)
         sweep.factory.check_perturbations()
     except usage_errors() as exc:

@@ -19,6 +19,7 @@ import dataclasses
 import os
 import re
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from perf.stats import median
 INPUT_COPIES = 4
 # Where the device locks live: $FIDELITY_DEVICE_LOCKS, else a folder of this user's in the system's temp folder.
 DEVICE_LOCKS_ENV = "FIDELITY_DEVICE_LOCKS"
+LOCK_NOTE_AFTER_S = 10.0  # a wait for a device's lock longer than this is said on stderr
 
 
 def device_locks_folder() -> Path:
@@ -45,25 +47,34 @@ def device_locks_folder() -> Path:
 
 
 def check_device_locks_folder() -> Path:
-    """The lock folder, created: ValueError naming $FIDELITY_DEVICE_LOCKS when it cannot be (before any timing)."""
+    """The lock folder, created: a usage error naming $FIDELITY_DEVICE_LOCKS when it cannot be (before any timing)."""
+    from engines.options import OptionError
+
     folder = device_locks_folder()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe."):
             pass
     except OSError as exc:
-        raise ValueError(
+        raise OptionError(
             f"the device locks' folder {folder} cannot be written ({exc.strerror or exc}): set {DEVICE_LOCKS_ENV} "
             "to a writable folder on this host"
         ) from None
     return folder
 
 
+def gpu_index(device: torch.device) -> int | None:
+    """The CUDA index ``device`` runs on (``cuda`` means the current one); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def device_key(device: torch.device) -> str:
     """One physical device of this host: ``<host>-cpu``, or ``<host>-gpu-<UUID>`` whatever index CUDA gives it."""
     host = socket.gethostname()
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = gpu_index(device)
         uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
         where = f"gpu-{uuid}" if uuid else f"cuda{index}-of-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}"
     else:
@@ -92,7 +103,7 @@ _LOCKS: dict[str, Any] = {}  # one FileLock per lock file and process (a FileLoc
 @contextlib.contextmanager
 def device_lock(device: torch.device | str) -> Iterator[DeviceHold]:
     """Hold ``device`` for timing: waits while another process of this user times on the same device."""
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     key = device_key(torch.device(device))
     folder = device_locks_folder()
@@ -100,12 +111,19 @@ def device_lock(device: torch.device | str) -> Iterator[DeviceHold]:
     path = str(folder / f"{key}.lock")
     lock = _LOCKS.setdefault(path, FileLock(path))
     hold = DeviceHold(key, time.time())
-    with lock:
+    try:
+        lock.acquire(timeout=LOCK_NOTE_AFTER_S)
+    except Timeout:  # another process times on this device (a sweep, another session): say so, then wait
+        print(f"note: waiting for {key}: another process holds its timing lock ({path})", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
         hold.acquired = time.time()
         try:
             yield hold
         finally:
             hold.released = time.time()
+    finally:
+        lock.release()
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:

@@ -77,8 +77,10 @@ def refusal(machine_ids: dict[str, str]) -> str | None:
             "GPU model per run: --gpus with the indices of one model (or -n 0 --device cuda:K)")
 
 
-def enable_on_worker(config: pytest.Config) -> None:
-    """pytest-benchmark on a pytest-xdist worker: timing on (unless --benchmark-disable), its own saving off."""
+def check_benchmark_session(config: pytest.Config) -> None:
+    """The pytest-benchmark session :func:`enable_on_worker` knows how to turn back on; a usage error otherwise.
+
+    Checked at the controller, before any worker starts (the controller's session is the same class)."""
     bs = getattr(config, "_benchmarksession", None)
     if bs is None:  # -p no:benchmark
         return
@@ -91,6 +93,14 @@ def enable_on_worker(config: pytest.Config) -> None:
             f"(its session has no {', '.join(missing)}): the benchmarks cannot run under -n with it; run them "
             "without -n"
         )
+
+
+def enable_on_worker(config: pytest.Config) -> None:
+    """pytest-benchmark on a pytest-xdist worker: timing on (unless --benchmark-disable), its own saving off."""
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is None:  # -p no:benchmark
+        return
+    check_benchmark_session(config)  # the controller refused a session it does not know; this is the backstop
     if bs.xdist_warning:  # disabled by pytest-benchmark because xdist is active, not by --benchmark-disable
         bs.disabled = False
         bs.xdist_warning = False
@@ -289,6 +299,10 @@ class Controller:
         self.error: str | None = None
 
     # -- start: every worker learns the folder, and whether the run is refused ---------------------------
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionstart(self, session) -> None:
+        check_benchmark_session(self.config)
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node) -> None:
         if self.folder is None:

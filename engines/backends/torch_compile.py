@@ -82,8 +82,8 @@ COMPILE_MODES: dict[str, dict[str, Any]] = {
     "regional": {},
 }
 REGIONAL_MODES = frozenset({"regional"})
-# Regional graphs are cache entries of the blocks' shared code: every live regional engine's
-# buckets count against one Dynamo limit, so it covers this many engines alive at once.
+# Regional graphs are cache entries of the blocks' shared code (nn.Module._call_impl): every live
+# regional engine's buckets count against one Dynamo limit, so it covers this many engines alive at once.
 _REGIONAL_ENGINES_ALIVE = 16
 # Alignment the memory-efficient kernel wants for the bias's last stride.
 _BIAS_ALIGNMENT = 16
@@ -294,13 +294,23 @@ def compile_repeated_blocks(module: nn.Module, options: dict[str, Any]) -> int:
     return len(blocks)
 
 
+def uncompile_repeated_blocks(module: nn.Module) -> None:
+    """Undo :func:`compile_repeated_blocks`: a compiled block holds its compiled call, which holds the block.
+
+    Left in place, that cycle keeps every block (and its weights: nearly all of an engine's) alive after
+    the engine is closed, until Python's garbage collector runs: on the device, in the middle of whatever
+    is measured next.
+    """
+    for block in repeated_blocks(module):
+        block._compiled_call_impl = None
+
 
 def _allow_recompiles(count: int) -> None:
     # One static graph per bucket: Dynamo's default of 8 per function would send
     # the ninth shape to eager (silently slow), so the limit covers the buckets.
     import torch._dynamo.config as dynamo_config
 
-    for name in ("recompile_limit", "cache_size_limit"):
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < count:
             setattr(dynamo_config, name, count)
 
@@ -395,7 +405,10 @@ class TorchCompileRunner(KeepsCapturedGraphs, TorchRunner):
         # recompiled per sequence bucket (the mask code specializes on it), each
         # compile 2-3x slower than a static one.
         if self.compile_mode in REGIONAL_MODES:
-            _allow_recompiles(graphs_per_engine * _REGIONAL_ENGINES_ALIVE)
+            # Every compiled block's graphs are cache entries of one code object (nn.Module._call_impl): one per
+            # bucket and block class (BERT: its embeddings and its layers), for every live regional engine.
+            classes = len({type(block) for block in repeated_blocks(self.forward.model)})
+            _allow_recompiles(graphs_per_engine * classes * _REGIONAL_ENGINES_ALIVE)
             self.compiled_blocks = compile_repeated_blocks(self.forward.model, options)
             self.compiled = self.forward
         else:
@@ -439,6 +452,8 @@ class TorchCompileRunner(KeepsCapturedGraphs, TorchRunner):
 
     def _close(self) -> None:
         self.compiled = None
+        if self.compiled_blocks and self.forward is not None:
+            uncompile_repeated_blocks(self.forward.model)
         # Dynamo's code cache keeps every compiled graph, and with freezing their
         # weight constants, alive after the engine is gone: drop it.  Another
         # live compile engine keeps its captured graphs; a new shape recompiles.

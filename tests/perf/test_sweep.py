@@ -33,6 +33,7 @@ def swept(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     proc = sweep(f"--out={folder}", f"--engine-cache={cache}", *SELECT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    folder.joinpath("stderr.txt").write_text(proc.stderr)
     return folder, cache
 
 
@@ -49,7 +50,9 @@ def test_every_configuration_is_one_line_with_every_measurement(swept):
     assert run["status"] == "complete" and run["measured"] == 8 and run["host"]["cpu_threads"] >= 1
     # The CPU baseline was measured first, once per shape, and the run's record keeps every median.
     assert run["cpu_fp32_median_ms"] == {f"tiny-bert b{r['batch']} s{r['sequence']}": r["cpu_fp32_median_ms"] for r in records}
-    assert 0 < run["cpu_baseline_seconds"] <= run["seconds"]
+    assert 0 <= run["cpu_baseline_seconds"] <= run["seconds"]
+    progress = (folder / "stderr.txt").read_text()
+    assert progress.rindex("CPU FP32 baseline: 100%") < progress.index("tiny-bert/torch/fp32")  # first, then engines
 
 
 def test_a_rerun_measures_only_what_is_missing(swept):
@@ -125,6 +128,16 @@ def test_an_out_folder_that_cannot_be_created_is_refused_before_anything_is_meas
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"--out {blocker / 'sweep'} cannot be created under {blocker}" in proc.stderr
     assert "sweep:" not in proc.stdout  # nothing started
+
+
+def test_an_unwritable_device_lock_folder_is_a_usage_error_before_anything_runs(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", FIDELITY_DEVICE_LOCKS=str(blocker / "locks"))
+    proc = subprocess.run([sys.executable, "-m", "perf.sweep", f"--out={tmp_path / 'out'}", *SELECT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "FIDELITY_DEVICE_LOCKS" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_results_file_of_another_schema_is_refused_at_start_up(tmp_path):

@@ -109,8 +109,14 @@ def test_regional_mode_compiles_one_graph_per_block_class_and_matches_eager(
     request, engine_cache, model_name, blocks, block_graphs
 ):
     """--compile-mode regional: every repeated block compiled in place, blocks of one class sharing one graph per
-    bucket (tiny-bert: its embeddings and two BertLayers = 2 graphs; tiny-gpt2: two GPT2Blocks = 1 graph)."""
+    bucket (tiny-bert: its embeddings and two BertLayers = 2 graphs; tiny-gpt2: two GPT2Blocks = 1 graph); closed,
+    it leaves no block to the garbage collector."""
+    import gc
+    import weakref
+
     from torch._dynamo.utils import counters
+
+    from engines.backends.torch_compile import repeated_blocks
 
     model = request.getfixturevalue(model_name.replace("-", "_"))
     policy = get_policy("hybrid")
@@ -118,16 +124,28 @@ def test_regional_mode_compiles_one_graph_per_block_class_and_matches_eager(
     torch.compiler.reset()
     counters.clear()
     options = BuildOptions(cache=engine_cache, compile_mode="regional")
-    with TorchRunner(model, policy, "cpu") as eager, TorchCompileRunner(model, policy, "cpu", options) as regional:
+    regional = TorchCompileRunner(model, policy, "cpu", options).build()
+    with TorchRunner(model, policy, "cpu") as eager:
         expected = eager.infer(batch)
-        actual = regional.infer(batch)
-        first_bucket = counters["stats"]["unique_graphs"]
-        regional.infer(TokenBatch(batch.input_ids[:1, :40], batch.attention_mask[:1, :40], "test"))  # bucket (1, 64)
-        info = regional.info()
-    assert regional.compiled_blocks == blocks
+    actual = regional.infer(batch)
+    first_bucket = counters["stats"]["unique_graphs"]
+    regional.infer(TokenBatch(batch.input_ids[:1, :40], batch.attention_mask[:1, :40], "test"))  # bucket (1, 64)
+    info, compiled_blocks, fused = regional.info(), regional.compiled_blocks, regional.fused_qkv_layers
+    # nn.Module.compile keeps the compiled call on the block, and the call holds the block: a cycle that kept a closed
+    # engine's blocks (its weights) alive until a collection ran, on the H100 in the middle of later measurements.
+    alive = [weakref.ref(block) for block in repeated_blocks(regional.forward.model)]
+    gc.collect()
+    gc.disable()
+    try:
+        regional.close()
+        del regional
+        assert [ref() is None for ref in alive] == [True] * blocks
+    finally:
+        gc.enable()
+    assert compiled_blocks == blocks
     # Q|K|V as slices of one GEMM relies on freezing's constant weights: in regional graphs the three slices' GEMMs
     # stayed three [hidden, 3 x hidden] products, so regional engines keep BERT's three projections.
-    assert regional.fused_qkv_layers == 0
+    assert fused == 0
     assert (first_bucket, counters["stats"]["unique_graphs"]) == (block_graphs, 2 * block_graphs)
     valid = batch.attention_mask.bool()
     torch.testing.assert_close(actual[valid], expected[valid], rtol=2e-3, atol=2e-3)
