@@ -176,16 +176,16 @@ def test_memory_cap_needs_a_gpu():
     assert "--perf-memory-cap-gib caps GPU memory" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("flag", ["--benchmark-compare", "--benchmark-save=x", "--benchmark-autosave"])
-def test_benchmark_flags_select_the_benchmarks(flag):
+def test_benchmark_flags_select_the_benchmarks():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    plain = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "perf"], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert "test_latency[" not in plain.stdout  # a plain `pytest` leaves them out (addopts: -m "not perf")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "perf", flag],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "test_latency[" in proc.stdout
-    explicit = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "perf", flag,
-                               "-m", "fidelity"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert "test_latency[" not in explicit.stdout  # an explicit -m is the user's choice
+
+    def collected(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "perf", *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+    assert "test_latency[" not in collected().stdout  # a plain `pytest` leaves them out (addopts: -m "not perf")
+    for flag in ("--benchmark-compare", "--benchmark-save=x", "--benchmark-autosave"):
+        proc = collected(flag)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "test_latency[" in proc.stdout, flag
+        assert "test_latency[" not in collected(flag, "-m", "fidelity").stdout, flag  # an explicit -m is the user's
