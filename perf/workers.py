@@ -137,9 +137,14 @@ class WorkerShard:
         self.write()
         return True
 
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when == "teardown" and "perf" in report.keywords:
-            self.write()
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item, nextitem):
+        # The marker, not the report's keywords: those also hold folder names (this suite's own tests/perf/).
+        try:
+            return (yield)
+        finally:
+            if item.get_closest_marker("perf") is not None:
+                self.write()
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:

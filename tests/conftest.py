@@ -7,6 +7,17 @@ import pytest
 from engines.models import ModelLoader
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_xdist_environment_for_subprocesses():
+    """Run under pytest-xdist, this suite's workers carry PYTEST_XDIST_* variables that the pytest sessions its tests
+    start would inherit (pytest-benchmark then turns itself off there, as on an xdist worker): drop them."""
+    import os
+
+    leaked = {name: os.environ.pop(name) for name in list(os.environ) if name.startswith("PYTEST_XDIST_")}
+    yield
+    os.environ.update(leaked)
+
+
 @pytest.fixture(scope="session")
 def offline_loader() -> ModelLoader:
     # random weights, hub never asked: deterministic and fast on any machine
