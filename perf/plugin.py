@@ -150,10 +150,6 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(Controller(config, session), "fidelity-perf-controller")
 
 
-def _is_aggregate(item: pytest.Item) -> bool:
-    return is_aggregate(item.nodeid)
-
-
 class RunProgress:
     """Counts the perf items a run selected and finished, and notes an interrupt, for the saved run record."""
 
@@ -162,13 +158,13 @@ class RunProgress:
 
     def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config, items: list) -> None:
         # The suite aggregate reads every other item's comparisons: it runs last.
-        last = [item for item in items if _is_aggregate(item)]
+        last = [item for item in items if is_aggregate(item.nodeid)]
         if last:
-            items[:] = [item for item in items if not _is_aggregate(item)] + last
+            items[:] = [item for item in items if not is_aggregate(item.nodeid)] + last
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.session.selected = sum(
-            1 for item in session.items if item.get_closest_marker("perf") and not _is_aggregate(item)
+            1 for item in session.items if item.get_closest_marker("perf") and not is_aggregate(item.nodeid)
         )
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:

@@ -9,11 +9,10 @@ p99 and spread from the benchmarks' own timer and round counts, throughput, the 
 memory, the first call's time, fidelity on a fixed, seeded natural-text batch of that shape against the FP32
 reference (min and mean cosine, NaN/Inf), and the CPU FP32 baseline of the same shape measured on the same
 host in the same invocation (its rounds, thread count and CPU model recorded); speedups only between those.
-The CPU baseline is measured first, before any engine
-is built, so that nothing the engines leave running shares the host with it.  A rerun with the same ``--out``
-measures only what is missing and says so; Ctrl-C loses nothing measured
-(the line is written before the next configuration starts) and the run's record says it was interrupted;
-an out-of-memory shape is a recorded skip with the reason.  Engines come from :mod:`engines.factory`,
+The CPU baseline is measured first, before any engine is built, so that nothing the engines leave running
+shares the host with it.  A rerun with the same ``--out`` measures only what is missing and says so; Ctrl-C
+loses nothing measured (the line is written before the next configuration starts) and the run's record says
+it was interrupted; an out-of-memory shape is a recorded skip with the reason.  Engines come from :mod:`engines.factory`,
 selected with the same options as the tests; the timer is :mod:`perf.timing`'s.  Unlike the gate, the sweep
 judges fidelity too, so it uses :mod:`fidelity.metrics` and :mod:`fidelity.corpus`; the gate's modules
 (plugin, session, stats, baselines) import nothing from ``fidelity/``.

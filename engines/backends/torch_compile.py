@@ -286,25 +286,6 @@ def repeated_blocks(module: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def compile_repeated_blocks(module: nn.Module, options: dict[str, Any]) -> int:
-    """Compile every repeated block in place (``nn.Module.compile``); blocks of one class share their graphs."""
-    blocks = repeated_blocks(module)
-    for block in blocks:
-        block.compile(options=options, dynamic=False)
-    return len(blocks)
-
-
-def uncompile_repeated_blocks(module: nn.Module) -> None:
-    """Undo :func:`compile_repeated_blocks`: a compiled block holds its compiled call, which holds the block.
-
-    Left in place, that cycle keeps every block (and its weights: nearly all of an engine's) alive after
-    the engine is closed, until Python's garbage collector runs: on the device, in the middle of whatever
-    is measured next.
-    """
-    for block in repeated_blocks(module):
-        block._compiled_call_impl = None
-
-
 def _allow_recompiles(count: int) -> None:
     # One static graph per bucket: Dynamo's default of 8 per function would send
     # the ninth shape to eager (silently slow), so the limit covers the buckets.
@@ -377,7 +358,7 @@ class TorchCompileRunner(KeepsCapturedGraphs, TorchRunner):
         self.compiled = None
         self.fused_qkv_layers = 0
         self.padded_projections = 0
-        self.compiled_blocks = 0
+        self.blocks: list[nn.Module] = []  # regional mode: the blocks compiled in place
         self.cudnn_attention = False
         self._compiled_buckets: set[tuple[int, int]] = set()
 
@@ -407,9 +388,11 @@ class TorchCompileRunner(KeepsCapturedGraphs, TorchRunner):
         if self.compile_mode in REGIONAL_MODES:
             # Every compiled block's graphs are cache entries of one code object (nn.Module._call_impl): one per
             # bucket and block class (BERT: its embeddings and its layers), for every live regional engine.
-            classes = len({type(block) for block in repeated_blocks(self.forward.model)})
-            _allow_recompiles(graphs_per_engine * classes * _REGIONAL_ENGINES_ALIVE)
-            self.compiled_blocks = compile_repeated_blocks(self.forward.model, options)
+            blocks = repeated_blocks(self.forward.model)
+            _allow_recompiles(graphs_per_engine * len({type(block) for block in blocks}) * _REGIONAL_ENGINES_ALIVE)
+            for block in blocks:  # nn.Module.compile: in place; blocks of one class share their graphs
+                block.compile(options=options, dynamic=False)
+            self.blocks = blocks
             self.compiled = self.forward
         else:
             _allow_recompiles(graphs_per_engine)
@@ -452,13 +435,21 @@ class TorchCompileRunner(KeepsCapturedGraphs, TorchRunner):
 
     def _close(self) -> None:
         self.compiled = None
-        if self.compiled_blocks and self.forward is not None:
-            uncompile_repeated_blocks(self.forward.model)
+        # nn.Module.compile keeps the compiled call on the block, and the call holds the block: left in place, that
+        # cycle keeps a closed engine's blocks (nearly all its weights) alive until Python's garbage collector runs,
+        # on the device in the middle of whatever is measured next.
+        for block in self.blocks:
+            block._compiled_call_impl = None
+        self.blocks = []
         # Dynamo's code cache keeps every compiled graph, and with freezing their
         # weight constants, alive after the engine is gone: drop it.  Another
         # live compile engine keeps its captured graphs; a new shape recompiles.
         torch.compiler.reset()
         super()._close()  # the captured graphs, then the module and the allocator's cache
+
+    @property
+    def compiled_blocks(self) -> int:
+        return len(self.blocks)
 
     def _info(self) -> EngineInfo:
         attention = "explicit policy attention"
