@@ -142,6 +142,7 @@ def environment_info(device: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_threads": torch.get_num_threads(),  # torch's intra-op threads (a pytest-xdist worker's share)
         "torch": torch.__version__,
         "transformers": transformers_version,
         "cuda_runtime": torch.version.cuda,

@@ -19,7 +19,14 @@ from engines.backends.base import BackendUnavailableError, Runner
 from engines.backends.registry import get_backend
 from engines.factory import EngineFactory, EngineSpec
 from engines.options import ENGINE_OPTIONS, EngineSelection, add_options, collect, usage_errors
-from engines.workers import SESSION_START_KEY, engine_scheduler, pinned_device, session_start, worker_id
+from engines.workers import (
+    SESSION_START_KEY,
+    engine_scheduler,
+    pinned_device,
+    session_start,
+    share_cpu_threads,
+    worker_id,
+)
 
 SELECTION_KEY = pytest.StashKey[EngineSelection]()
 FACTORY_KEY = pytest.StashKey[EngineFactory]()
@@ -71,6 +78,7 @@ def pytest_configure(config: pytest.Config) -> None:
         except usage_errors() as exc:
             raise pytest.UsageError(str(exc)) from None
     session_start(config)
+    share_cpu_threads(config, selection.device)  # a pytest-xdist worker on a GPU: its share of the CPU threads
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -12,6 +12,17 @@
   (:func:`interleave_by_model`), so two workers export two models at once rather than
   one waiting on the other.  (xdist's ``loadgroup`` marks would group them, but xdist 3.8
   renames node ids to do it, which pytest 9 no longer reads: checked here.)
+* With the engines on GPUs, each worker gets its share of the CPU: torch's intra-op threads (and
+  onnxruntime's, through :func:`onnxruntime_session_options`) are cut to ``threads // workers``
+  (:func:`share_cpu_threads`), unless ``OMP_NUM_THREADS`` says otherwise.  Workers that each start one
+  thread per core spin against each other (their builds and exports run on the CPU): on the 2-core CPU
+  machine a tiny-bert/tiny-gpt2 run under ``-n 2`` took 28.1 s with them, 14.3 s with one thread each; on
+  two H200s the nightly run's PyTorch engine builds took 0.6-1.3 s on the workers, 0.04-0.3 s in one
+  process.  Engines that compute on the CPU keep the machine's threads: the thread count changes how a CPU
+  reduction is split, and with it the last bits of their outputs (tiny-bert/onnxrt/fp32's mean cosine
+  0.999999999999997 with two threads, ...969 with one), and a run under ``-n`` must give one process's
+  numbers.  The CPU FP32 baseline (perf, under the CPU's lock) runs with the machine's threads again
+  (:func:`machine_threads`), as in one process.
 * ``--rebuild-engines`` rebuilds an entry once per session: the controller's start time
   travels to every worker, and an entry written after it was rebuilt by this session.
 * The benchmarks (``-m perf``) build on this: each worker times its engines on its own GPU,
@@ -21,8 +32,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -30,6 +44,8 @@ SESSION_START_KEY = "fidelity_session_start"
 # The parameter of a test on one engine: "[model/backend/precision]", or with the benchmarks' shape in front.
 _ENGINE_PARAM = re.compile(r"\[(?:b\d+s\d+-)?([^\[\]/]+/[^\[\]/]+/[^\[\]]+)\]$")
 _START_KEY = pytest.StashKey[float]()
+# torch's intra-op thread count before this worker took its share (None: no share taken, one process).
+_machine_threads: int | None = None
 
 
 def worker_id(config) -> str | None:
@@ -43,6 +59,57 @@ def session_start(config) -> float:
     if started is None:
         started = config.stash.setdefault(_START_KEY, time.time())
     return float(started)
+
+
+def thread_share(threads: int, workers: int) -> int:
+    """A worker's share of ``threads`` CPU threads among ``workers`` workers (at least one)."""
+    return max(1, threads // max(1, workers))
+
+
+def share_cpu_threads(config, device: str) -> int | None:
+    """On a pytest-xdist worker whose engines run on ``device`` (a GPU), cut torch's intra-op threads to its share.
+
+    Returns the share; nothing happens on the controller, in one process, when the engines compute on the
+    CPU (the thread count is part of their numerics), or when ``OMP_NUM_THREADS`` is set (the user's choice).
+    """
+    global _machine_threads
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is None or not device.startswith("cuda") or "OMP_NUM_THREADS" in os.environ:
+        return None
+    import torch
+
+    if _machine_threads is None:
+        _machine_threads = torch.get_num_threads()
+    share = thread_share(_machine_threads, int(workerinput.get("workercount") or 1))
+    torch.set_num_threads(share)
+    return share
+
+
+def onnxruntime_session_options(ort):
+    """An onnxruntime ``SessionOptions``, quiet, with a worker's share of the CPU threads (else onnxruntime's default)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if _machine_threads is not None:
+        import torch
+
+        options.intra_op_num_threads = torch.get_num_threads()
+    return options
+
+
+@contextlib.contextmanager
+def machine_threads() -> Iterator[None]:
+    """torch with the whole machine's threads for the duration (a worker's CPU FP32 baseline, as in one process)."""
+    if _machine_threads is None:
+        yield
+        return
+    import torch
+
+    share = torch.get_num_threads()
+    torch.set_num_threads(_machine_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(share)
 
 
 def parse_gpus(value: str | None, count: int) -> list[int]:

@@ -29,6 +29,8 @@ from fidelity.metrics import FidelityResult
 #      "environment.numerics" (the numerics the engines ran under); "options.numerics".
 #   4: "environment" carries the stack: machine_id (the baselines' folder), runtimes (onnxruntime, tensorrt,
 #      tensorrt_rtx versions), commit (the suite's), stack ($FIDELITY_STACK); "options.perturbations".
+#      Optional, added later within 4: "environment.cpu_threads" (torch's intra-op threads) and, under
+#      pytest-xdist, "environment.workers" (each worker's device and CPU threads: its share of the machine's).
 REPORT_SCHEMA_VERSION = 4
 READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
 WRITE_INTERVAL_S = 2.0
@@ -236,6 +238,16 @@ class FidelityReport:
                     merged[key] = row
         return list(merged.values())
 
+    def _environment_record(self) -> dict[str, Any]:
+        """This process's environment; under pytest-xdist with each worker's device and CPU threads."""
+        if not self._shard_data:
+            return self.environment
+        workers = {}
+        for name, data in sorted(self._shard_data.items()):
+            env = data.get("environment") or {}
+            workers[name.rsplit(".", 2)[-2]] = {"device": env.get("device"), "cpu_threads": env.get("cpu_threads")}
+        return {**self.environment, "workers": workers}
+
     def _cache_record(self) -> dict[str, Any]:
         """The engine cache's events: this process's and each worker's."""
         record = dict(self.cache)
@@ -309,7 +321,7 @@ class FidelityReport:
             "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "interrupted": self.interrupted,
             "command": self.command,
-            "environment": self.environment,
+            "environment": self._environment_record(),
             "options": self.options,
             "notes": self.notes,
             "rows": [row.as_dict() for row in self.all_rows()],

@@ -30,6 +30,7 @@ import torch
 
 from engines.backends.base import Runner
 from engines.batch import TokenBatch
+from engines.workers import machine_threads
 from perf.stats import median
 
 INPUT_COPIES = 4
@@ -260,7 +261,7 @@ class CpuBaseline:
                 self._runners[model] = self.factory.build(self.factory.cpu_baseline_spec(model), device="cpu")
             runner = self._runners[model]
             call = TimedEngine(runner, staged_inputs(runner, *shape, copies=2))
-            with device_lock(runner.device):
+            with device_lock(runner.device), machine_threads():  # a worker's share is not the baseline's CPU
                 self._medians[key] = median(sample_seconds(call, warmup=1, rounds=self.rounds))
         return self._medians[key]
 

@@ -19,6 +19,7 @@ import torch
 
 from engines.backends.base import BackendUnavailableError, EngineInfo, Runner, require_runtime
 from engines.batch import TokenBatch
+from engines.workers import onnxruntime_session_options
 
 INSTALL_HINT = "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA/TensorRT providers)"
 CPU_NOTE = "CPU provider: FP16/BF16 ops without CPU kernels run in FP32 after inserted Casts"
@@ -76,8 +77,7 @@ class OnnxRuntimeRunner(Runner):
         ort = _onnxruntime()
         self.graph = precision_graph(self.model, self.policy, self.options.cache or EngineCache())
         self.audit = verified_audit(self.graph, self.policy, engine=self.name)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = onnxruntime_session_options(ort)
         # Basic optimizations only: constant folding and dead-code removal, no
         # fusions that would change which ops compute in which dtype.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

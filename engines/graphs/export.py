@@ -19,6 +19,7 @@ import torch
 from engines.batch import TokenBatch
 from engines.models import LoadedModel
 from engines.perturb import PERTURBED_MARK
+from engines.workers import onnxruntime_session_options
 
 ONNX_OPSET = 18
 GRAPH_FILE = "model.onnx"
@@ -117,8 +118,7 @@ def verify_export(model: LoadedModel, path: Path, *, forward=None) -> float:
     if forward is None:
         forward = reference_forward(model)
     batch = check_batch(model)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = onnxruntime_session_options(ort)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     got = torch.from_numpy(
         session.run(None, {"input_ids": batch.input_ids.numpy(), "attention_mask": batch.attention_mask.numpy()})[0]

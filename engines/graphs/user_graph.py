@@ -19,6 +19,8 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
+from engines.workers import onnxruntime_session_options
+
 INPUTS = ("input_ids", "attention_mask")
 DEFAULT_MAX_POSITIONS = 512
 
@@ -139,8 +141,7 @@ def inspect_graph(name: str, path: Path) -> UserGraph:
     if not others:
         notes.append(f"{name}: no position-embedding table found in {path.name}; sequences are capped at {DEFAULT_MAX_POSITIONS}")
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = onnxruntime_session_options(ort)
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         ids = np.array([[1, 2]], dtype=np.int64) % vocab_size
         (output,) = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})

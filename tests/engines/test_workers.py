@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,9 @@ def test_two_workers_give_a_serial_runs_rows_build_each_engine_once_and_rebuild_
     summary = merged["engine_cache"]["summary"]
     assert "over 2 workers" in summary and "unused" not in summary and summary in proc.stdout
     assert not list(tmp_path.glob("*.part"))  # the shards are merged and gone
+    # Engines on the CPU: each worker keeps the machine's CPU threads (they are part of its numerics: see above).
+    threads = json.loads(serial_report.read_text())["environment"]["cpu_threads"]
+    assert merged["environment"]["workers"] == {f"gw{i}": {"device": "cpu", "cpu_threads": threads} for i in range(2)}
     # Each engine on one worker.
     workers = collections.defaultdict(set)
     for worker, engine in re.findall(r"\[(gw\d)\] \[\s*\d+%\] PASSED \S+\[(tiny-bert/onnxrt/\w+)\]", proc.stdout):
@@ -119,3 +123,29 @@ def test_the_committed_two_gpu_nightly_run_has_one_processs_rows_and_the_times_t
     readme = (folder / "README.md").read_text()
     assert f"| {times['serial']} s |" in readme and f"| {times['xdist']} s |" in readme
     assert f"Speedup {float(times['serial']) / float(times['xdist']):.2f}x" in readme
+
+
+def test_a_worker_takes_its_share_of_the_cpu_threads_and_the_cpu_baseline_the_machines(monkeypatch):
+    import onnxruntime as ort
+    import torch
+
+    from engines import workers
+
+    assert [workers.thread_share(16, 2), workers.thread_share(2, 2), workers.thread_share(1, 4)] == [8, 1, 1]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    worker = types.SimpleNamespace(workerinput={"workerid": "gw1", "workercount": 2})  # what xdist gives a worker
+    assert workers.share_cpu_threads(worker, "cpu") is None  # CPU engines: the threads are part of their numerics
+    assert workers.share_cpu_threads(types.SimpleNamespace(), "cuda") is None  # one process, or the controller
+    assert workers.onnxruntime_session_options(ort).intra_op_num_threads == 0  # one process: onnxruntime's default
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(workers, "_machine_threads", None)
+        assert workers.share_cpu_threads(worker, "cuda:1") == workers.thread_share(before, 2) == torch.get_num_threads()
+        torch.set_num_threads(before)
+        monkeypatch.setattr(workers, "_machine_threads", before + 1)  # as on a worker whose machine has one more
+        assert workers.onnxruntime_session_options(ort).intra_op_num_threads == before
+        with workers.machine_threads():
+            assert torch.get_num_threads() == before + 1
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
