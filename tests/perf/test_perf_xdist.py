@@ -11,9 +11,11 @@ import os
 import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 from test_perf_gate import SELECT, doctored, junit_failures
 
 from perf.workers import ShardError, merge_shards, read_shards, refusal
@@ -81,7 +83,8 @@ def test_two_workers_give_the_serial_runs_benchmarks_each_naming_its_worker_and_
     # One latency gate summary at the controller, over both workers' results; the shards are merged and gone.
     summary = proc.stdout.split("latency gate", 1)[1]
     assert "4 benchmarks from 2 workers" in summary and "gw0 cpu" in summary and "gw1 cpu" in summary
-    assert "Benchmarks are automatically disabled" not in proc.stdout + proc.stderr
+    if Version(version("pytest-benchmark")) >= Version("5.3"):  # 5.2 warns so at start-up, before any plugin can act
+        assert "Benchmarks are automatically disabled" not in proc.stdout + proc.stderr
     assert not leftover_shards(tmp)
     # No baseline compared: the suite aggregate is skipped once, with the reason, as in one process.
     assert "perf/test_latency.py::test_suite_aggregate SKIPPED" in proc.stdout

