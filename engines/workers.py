@@ -8,9 +8,10 @@
   (one GPU named) pins nothing: every worker runs there.
 * Under ``-n`` (xdist's ``load`` distribution) the tests of one engine form one unit of
   work (:func:`engine_scope`, a scheduler of xdist's load-scope family): each engine is
-  built by one worker, once, and the engines are handed out in turn by model
-  (:func:`interleave_by_model`), so two workers export two models at once rather than
-  one waiting on the other.  (xdist's ``loadgroup`` marks would group them, but xdist 3.8
+  built by one worker, once, and handed out in :func:`work_order`: the engines whose
+  build exports or compiles first, longest first, so no worker is left with a minute of
+  exporting at the end while the other idles, each group in turn by model, so two
+  workers export two models at once rather than one waiting on the other.  (xdist's ``loadgroup`` marks would group them, but xdist 3.8
   renames node ids to do it, which pytest 9 no longer reads: checked here.)
 * With the engines on GPUs, each worker gets its share of the CPU: torch's intra-op threads (and
   onnxruntime's, through :func:`onnxruntime_session_options`) are cut to ``threads // workers``
@@ -139,28 +140,42 @@ def engine_scope(nodeid: str) -> str:
     return match.group(1) if match else nodeid
 
 
-def interleave_by_model(scopes: list[str]) -> list[str]:
-    """The engines in turn by model (``a/x/1, b/x/1, c/x/1, a/x/2, ...``), each model's own order kept.
-
-    Workers take scopes from the front: in collection order both would start on the same model and,
-    at its first ONNX engine, one would wait on the lock of the other's FP32 export of that model (on
-    two H200s, 22 s of a 187 s nightly run); in turn by model they export different models at once.
-    Scopes that are not an engine's keep their place after the engines.
-    """
+def interleave_by_model(engines: list[str]) -> list[str]:
+    """Engine ids in turn by model (``a/x/1, b/x/1, c/x/1, a/x/2, ...``), each model's own order kept."""
     by_model: dict[str, list[str]] = {}
-    others = []
-    for scope in scopes:
-        if "::" not in scope:  # an engine's id (engine_scope); any other test's scope is its node id
-            by_model.setdefault(scope.split("/", 1)[0], []).append(scope)
-        else:
-            others.append(scope)
+    for engine in engines:
+        by_model.setdefault(engine.split("/", 1)[0], []).append(engine)
     queues = list(by_model.values())
-    ordered = [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
-    return ordered + others
+    return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
+
+
+def _slow_build(engine: str) -> bool:
+    from engines.backends.registry import BACKENDS
+
+    info = BACKENDS.get(engine.split("/")[1])
+    return bool(info and info.slow_build)
+
+
+def work_order(scopes: list[str]) -> list[str]:
+    """The order workers take units of work in: slow builds first, each group in turn by model, then other tests.
+
+    Workers take scopes from the front.  In collection order (each model's torch engines, then its ONNX ones)
+    both would start on one model and, at its first ONNX engine, one would wait on the other's FP32 export
+    (on two H200s, 22 s of a 187 s nightly run); in turn by model they export two models at once.  With the
+    exports last, the run ended on them: on two H100s (torch engines first, in turn by model) a worker's
+    gpt2/onnx-torch/hybrid waited 20 s for the other's gpt2 export near the end, 216 s against 348 s in one
+    process.  Engines whose backend builds slowly (``BackendInfo.slow_build``: exports, compiles) go first,
+    their model's FP32 export (collected first) leading; scopes that are not an engine's keep their place last.
+    """
+    engines = [scope for scope in scopes if "::" not in scope]  # an engine's id; any other test's is its node id
+    others = [scope for scope in scopes if "::" in scope]
+    slow = [engine for engine in engines if _slow_build(engine)]
+    quick = [engine for engine in engines if not _slow_build(engine)]
+    return interleave_by_model(slow) + interleave_by_model(quick) + others
 
 
 def engine_scheduler(config, log):
-    """xdist's load-scope scheduling with one scope per engine, the engines in turn by model."""
+    """xdist's load-scope scheduling with one scope per engine, handed out in :func:`work_order`."""
     from xdist.scheduler import LoadScopeScheduling
 
     class EngineScheduling(LoadScopeScheduling):
@@ -172,7 +187,7 @@ def engine_scheduler(config, log):
         def _assign_work_unit(self, node) -> None:
             if not self._interleaved:  # the work queue is complete before the first unit is handed out
                 self._interleaved = True
-                order = interleave_by_model(list(self.workqueue))
+                order = work_order(list(self.workqueue))
                 units = dict(self.workqueue)
                 self.workqueue.clear()
                 self.workqueue.update((scope, units[scope]) for scope in order)

@@ -25,6 +25,9 @@ class BackendInfo:
     builds_anywhere: bool = False
     # Runs a user's ONNX graph (--onnx NAME=PATH): the backends that start from an ONNX graph.
     runs_onnx_graphs: bool = False
+    # Its build exports an ONNX graph or compiles (seconds to a minute an engine, the others' well under one):
+    # pytest-xdist workers take these engines first (engines/workers.py: work_order).
+    slow_build: bool = False
 
     def load(self) -> type[Runner]:
         module_name, _, class_name = self.target.partition(":")
@@ -50,6 +53,7 @@ BACKENDS: dict[str, BackendInfo] = {
             "engines.backends.torch_compile:TorchCompileRunner",
             ("cpu", "cuda"),
             "torch.compile (Inductor), static shape buckets, CUDA graph per bucket, fused attention for hybrid",
+            slow_build=True,
         ),
         BackendInfo(
             "onnxrt",
@@ -58,6 +62,7 @@ BACKENDS: dict[str, BackendInfo] = {
             "ONNX Runtime on the precision graph",
             runtime="onnxruntime",
             runs_onnx_graphs=True,
+            slow_build=True,
         ),
         BackendInfo(
             "onnx-torch",
@@ -65,10 +70,11 @@ BACKENDS: dict[str, BackendInfo] = {
             ("cpu", "cuda"),
             "the precision graph interpreted with torch ops (real FP16/BF16 arithmetic on CUDA)",
             runs_onnx_graphs=True,
+            slow_build=True,
         ),
         BackendInfo(
             "trt", "engines.backends.trt:TensorRTRunner", ("cuda",), "TensorRT >= 10, strongly typed network", runtime="tensorrt",
-            runs_onnx_graphs=True,
+            runs_onnx_graphs=True, slow_build=True,
         ),
         BackendInfo(
             "trt-rtx",
@@ -78,6 +84,7 @@ BACKENDS: dict[str, BackendInfo] = {
             runtime="tensorrt_rtx",
             builds_anywhere=True,
             runs_onnx_graphs=True,
+            slow_build=True,
         ),
     )
 }

@@ -99,15 +99,17 @@ def test_two_workers_give_a_serial_runs_rows_build_each_engine_once_and_rebuild_
     assert {e["key"] for e in events} == set(forced)
 
 
-def test_engines_are_handed_out_in_turn_by_model_and_other_tests_after_them():
-    from engines.workers import interleave_by_model
+def test_engines_are_handed_out_slow_builds_first_in_turn_by_model_and_other_tests_after_them():
+    from engines.workers import work_order
 
-    scopes = ["bert-base/torch/fp32", "bert-base/onnx-torch/fp32", "bert-base/onnx-torch/fp16", "gpt2/torch/fp32",
-              "gpt2/onnx-torch/fp32", "minilm/torch/fp32", "tests/engines/test_x.py::test_y"]
-    assert interleave_by_model(scopes) == [
-        "bert-base/torch/fp32", "gpt2/torch/fp32", "minilm/torch/fp32", "bert-base/onnx-torch/fp32",
-        "gpt2/onnx-torch/fp32", "bert-base/onnx-torch/fp16", "tests/engines/test_x.py::test_y"]
-    assert sorted(interleave_by_model(scopes)) == sorted(scopes)
+    scopes = ["bert-base/torch/fp32", "bert-base/torch-cudagraph/fp16", "bert-base/onnx-torch/fp32",
+              "bert-base/onnx-torch/fp16", "gpt2/torch/fp32", "gpt2/onnx-torch/fp32", "gpt2/torch-compile/hybrid",
+              "minilm/torch/fp32", "tests/engines/test_x.py::test_y"]
+    assert work_order(scopes) == [
+        "bert-base/onnx-torch/fp32", "gpt2/onnx-torch/fp32", "bert-base/onnx-torch/fp16", "gpt2/torch-compile/hybrid",
+        "bert-base/torch/fp32", "gpt2/torch/fp32", "minilm/torch/fp32", "bert-base/torch-cudagraph/fp16",
+        "tests/engines/test_x.py::test_y"]
+    assert sorted(work_order(scopes)) == sorted(scopes)
 
 
 def test_the_committed_two_gpu_nightly_run_has_one_processs_rows_and_the_times_the_readme_gives():

@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/xdist-nightly}; mkdir -p "$RES"
 SEL=(-m fidelity fidelity --device=cuda --model-path=minilm=/tmp/minilm --models=bert-base,gpt2,minilm
      --backends=torch,torch-cudagraph,onnx-torch --precisions=fp32,hybrid,fp16,fp16-strict,bf16 --input-profile=nightly
-     --durations=30)
+     --durations=0)
 case ${1:-} in
   start)
     { nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader
