@@ -25,7 +25,7 @@ def _sweep_claims() -> str:
     from engines.tables import render_table
     from perf.sweep_report import claims, read_csv
 
-    csv = Path(__file__).resolve().parents[1] / "docs" / "results" / "sweep-h100" / "full" / "sweep.csv"
+    csv = Path(__file__).resolve().parents[1] / "docs" / "results" / "sweep-h100" / "warm" / "sweep.csv"
     return render_table(("claim", "published", "measured here", "verdict"), claims(read_csv(csv)), markdown=True)
 
 

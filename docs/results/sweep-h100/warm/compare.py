@@ -33,7 +33,7 @@ for engine in dict.fromkeys(r["engine"] for r in warm.values()):
     print(f"  {engine}: {spread([warm[k]['median_ms'] / cold[k]['median_ms'] for k in keys])}")
 # ../full measured the CPU baseline again in each of its five calls: a shape's rows there can carry different
 # medians, so each row is compared with its own (speedup over CPU = CPU median / engine median).
-print("CPU FP32 baseline, this run's median / the same row's in ../full (speedup inflation of ../full), per engine:")
+print("CPU FP32 baseline, the same row's median in ../full / this run's (above 1: ../full's speedups over CPU inflated), per engine:")
 for engine in dict.fromkeys(r["engine"] for r in warm.values()):
     keys = [k for k in warm if warm[k]["engine"] == engine]
     print(f"  {engine}: {spread([cold[k]['cpu_fp32_median_ms'] / warm[k]['cpu_fp32_median_ms'] for k in keys])}")
@@ -46,3 +46,14 @@ for engine in dict.fromkeys(r["engine"] for r in warm.values()):
     ratios = [warm[k]["peak_device_bytes"] / cold[k]["peak_device_bytes"] for k in keys]
     print(f"  {engine}: {spread(ratios)}")
     print("    " + " ".join(f"{r:.2f}" for r in ratios))
+# An engine's peak memory grows with the shape: a bigger batch or sequence needing clearly less (over 3% + 8 MiB)
+# than a smaller one is a measuring error (the cycles and the collection engines/memory.py describes).
+print("peak memory below that of a smaller shape of the same engine (2x batch or 2x sequence; > 3% + 8 MiB less):")
+for name, rows in (("../full", cold), ("second-attempt/", measured(HERE / "second-attempt" / "results.jsonl")),
+                   ("this run", warm)):
+    bad = []
+    for engine in dict.fromkeys(r["engine"] for r in rows.values()):
+        mib = {(r["batch"], r["sequence"]): r["peak_device_bytes"] / 2**20 for r in rows.values() if r["engine"] == engine}
+        bad += [f"{engine} b{b}s{s} {v:.0f} -> b{b2}s{s2} {mib[b2, s2]:.0f} MiB" for (b, s), v in mib.items()
+                for b2, s2 in ((2 * b, s), (b, 2 * s)) if (b2, s2) in mib and mib[b2, s2] < 0.97 * v - 8]
+    print(f"  {name}: {len(bad)} such pairs over {len(rows)} configurations" + "".join(f"\n    {line}" for line in bad))
