@@ -112,6 +112,19 @@ def test_engines_are_handed_out_slow_builds_first_in_turn_by_model_and_other_tes
     assert sorted(work_order(scopes)) == sorted(scopes)
 
 
+def test_a_worker_keeps_to_its_models_while_it_has_work_of_the_kind_at_hand():
+    from engines.workers import next_unit
+
+    queue = ["bert-base/onnx-torch/hybrid", "gpt2/onnx-torch/hybrid", "minilm/onnx-torch/fp32", "bert-base/torch/fp32"]
+    assert next_unit(queue, set(), set()) == "bert-base/onnx-torch/hybrid"  # the first, to whoever asks
+    assert next_unit(queue, {"gpt2"}, {"bert-base"}) == "gpt2/onnx-torch/hybrid"  # its own, not the other's model
+    assert next_unit(queue, {"bert-base"}, {"gpt2"}) == "bert-base/onnx-torch/hybrid"
+    assert next_unit(queue[2:], {"gpt2"}, {"bert-base"}) == "minilm/onnx-torch/fp32"  # held by no one: taken as is
+    # Nothing of its own of that kind: the other's model rather than a quick engine out of order.
+    assert next_unit(["bert-base/onnx-torch/fp16", "gpt2/torch/fp32"], {"gpt2"}, {"bert-base"}) == "bert-base/onnx-torch/fp16"
+    assert next_unit(["tests/x.py::test_y", "gpt2/torch/fp32"], {"gpt2"}, set()) == "tests/x.py::test_y"
+
+
 def test_the_committed_two_gpu_nightly_run_has_one_processs_rows_and_the_times_the_readme_gives():
     folder = ROOT / "docs" / "results" / "xdist-h100x2"
     serial, xdist = (rows(folder / "nightly" / f"{mode}.json") for mode in ("serial", "xdist"))
