@@ -12,19 +12,21 @@
   build exports or compiles first, so no worker is left exporting at the end while the
   other idles, each group in turn by model, so two workers export two models at once;
   a worker then keeps to the models it holds while it has work (:func:`next_unit`), so
-  each model is loaded, and its export awaited, by as few workers as the balance allows.  (xdist's ``loadgroup`` marks would group them, but xdist 3.8
-  renames node ids to do it, which pytest 9 no longer reads: checked here.)
+  each model is loaded, and its export awaited, by as few workers as the balance
+  allows.  What each order did on two GPUs: docs/results/xdist-h100x2/README.md.
+  (xdist's ``loadgroup`` marks would group them, but xdist 3.8 renames node ids to do
+  it, which pytest 9 no longer reads: checked here.)
 * With the engines on GPUs, each worker gets its share of the CPU: torch's intra-op threads (and
   onnxruntime's, through :func:`onnxruntime_session_options`) are cut to ``threads // workers``
-  (:func:`share_cpu_threads`), unless ``OMP_NUM_THREADS`` says otherwise.  Workers that each start one
-  thread per core spin against each other (their builds and exports run on the CPU): on the 2-core CPU
-  machine a tiny-bert/tiny-gpt2 run under ``-n 2`` took 28.1 s with them, 14.3 s with one thread each; on
-  two H200s the nightly run's PyTorch engine builds took 0.6-1.3 s on the workers, 0.04-0.3 s in one
-  process.  Engines that compute on the CPU keep the machine's threads: the thread count changes how a CPU
-  reduction is split, and with it the last bits of their outputs (tiny-bert/onnxrt/fp32's mean cosine
-  0.999999999999997 with two threads, ...969 with one), and a run under ``-n`` must give one process's
-  numbers.  The CPU FP32 baseline (perf, under the CPU's lock) runs with the machine's threads again
-  (:func:`machine_threads`), as in one process.
+  (:func:`share_cpu_threads`; ``OMP_NUM_THREADS``, when set, is taken as the share instead).  Workers
+  that each start one thread per core spin against each other while they build and export on the CPU
+  (on the 2-core CPU machine, ``pytest -n 2 -m fidelity fidelity --models tiny-bert,tiny-gpt2 --backends
+  torch --precisions fp32,hybrid,fp16,bf16`` took 28.1 s with two threads a worker, 14.3 s with
+  ``OMP_NUM_THREADS=1``).  Engines that compute on the CPU keep the machine's threads: the thread count
+  changes how a CPU reduction is split, and with it the last bits of their outputs (a test saw
+  tiny-bert/onnxrt/fp32's mean cosine move in the 15th digit), and a run under ``-n`` must give one
+  process's numbers.  The CPU FP32 baseline (perf, under the CPU's lock) is such an engine: it is built
+  and timed with the machine's threads (:func:`all_cpu_threads`), as in one process.
 * ``--rebuild-engines`` rebuilds an entry once per session: the controller's start time
   travels to every worker, and an entry written after it was rebuilt by this session.
 * The benchmarks (``-m perf``) build on this: each worker times its engines on its own GPU,
@@ -47,7 +49,7 @@ SESSION_START_KEY = "fidelity_session_start"
 _ENGINE_PARAM = re.compile(r"\[(?:b\d+s\d+-)?([^\[\]/]+/[^\[\]/]+/[^\[\]]+)\]$")
 _START_KEY = pytest.StashKey[float]()
 # torch's intra-op thread count before this worker took its share (None: no share taken, one process).
-_machine_threads: int | None = None
+_threads_before_share: int | None = None
 
 
 def worker_id(config) -> str | None:
@@ -71,27 +73,32 @@ def thread_share(threads: int, workers: int) -> int:
 def share_cpu_threads(config, device: str) -> int | None:
     """On a pytest-xdist worker whose engines run on ``device`` (a GPU), cut torch's intra-op threads to its share.
 
-    Returns the share; nothing happens on the controller, in one process, when the engines compute on the
-    CPU (the thread count is part of their numerics), or when ``OMP_NUM_THREADS`` is set (the user's choice).
+    Returns the share (``OMP_NUM_THREADS``, when set: the user's choice, left as it is); None on the
+    controller, in one process, and when the engines compute on the CPU (the thread count is part of
+    their numerics).
     """
-    global _machine_threads
+    global _threads_before_share
     workerinput = getattr(config, "workerinput", None)
-    if workerinput is None or not device.startswith("cuda") or "OMP_NUM_THREADS" in os.environ:
+    if workerinput is None or not device.startswith("cuda"):
         return None
     import torch
 
-    if _machine_threads is None:
-        _machine_threads = torch.get_num_threads()
-    share = thread_share(_machine_threads, int(workerinput.get("workercount") or 1))
-    torch.set_num_threads(share)
-    return share
+    if _threads_before_share is None:
+        _threads_before_share = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(thread_share(_threads_before_share, int(workerinput.get("workercount") or 1)))
+    return torch.get_num_threads()
 
 
-def onnxruntime_session_options(ort):
-    """An onnxruntime ``SessionOptions``, quiet, with a worker's share of the CPU threads (else onnxruntime's default)."""
+def onnxruntime_session_options(ort, *, cpu_engine: bool = False):
+    """An onnxruntime ``SessionOptions``, quiet; on a worker that took its share, with that many threads.
+
+    ``cpu_engine``: the session is an engine computing on the CPU (its threads are part of its numerics),
+    which keeps onnxruntime's default (every core), as in one process.
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if _machine_threads is not None:
+    if _threads_before_share is not None and not cpu_engine:
         import torch
 
         options.intra_op_num_threads = torch.get_num_threads()
@@ -99,15 +106,15 @@ def onnxruntime_session_options(ort):
 
 
 @contextlib.contextmanager
-def machine_threads() -> Iterator[None]:
-    """torch with the whole machine's threads for the duration (a worker's CPU FP32 baseline, as in one process)."""
-    if _machine_threads is None:
+def all_cpu_threads() -> Iterator[None]:
+    """torch with the threads it had before the worker's share, for the duration (as in one process)."""
+    if _threads_before_share is None:
         yield
         return
     import torch
 
     share = torch.get_num_threads()
-    torch.set_num_threads(_machine_threads)
+    torch.set_num_threads(_threads_before_share)
     try:
         yield
     finally:
@@ -145,9 +152,18 @@ def interleave_by_model(engines: list[str]) -> list[str]:
     """Engine ids in turn by model (``a/x/1, b/x/1, c/x/1, a/x/2, ...``), each model's own order kept."""
     by_model: dict[str, list[str]] = {}
     for engine in engines:
-        by_model.setdefault(engine.split("/", 1)[0], []).append(engine)
+        by_model.setdefault(_model(engine), []).append(engine)
     queues = list(by_model.values())
     return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
+
+
+def _is_engine(scope: str) -> bool:
+    """Whether a unit of work is an engine's (:func:`engine_scope`: its id); any other test's is its node id."""
+    return "::" not in scope
+
+
+def _model(engine: str) -> str:
+    return engine.split("/", 1)[0]
 
 
 def _slow_build(engine: str) -> bool:
@@ -161,15 +177,15 @@ def work_order(scopes: list[str]) -> list[str]:
     """The order workers take units of work in: slow builds first, each group in turn by model, then other tests.
 
     Workers take scopes from the front.  In collection order (each model's torch engines, then its ONNX ones)
-    both would start on one model and, at its first ONNX engine, one would wait on the other's FP32 export
-    (on two H200s, 22 s of a 187 s nightly run); in turn by model they export two models at once.  With the
-    exports last, the run ended on them: on two H100s (torch engines first, in turn by model) a worker's
-    gpt2/onnx-torch/hybrid waited 20 s for the other's gpt2 export near the end, 216 s against 348 s in one
-    process.  Engines whose backend builds slowly (``BackendInfo.slow_build``: exports, compiles) go first,
-    their model's FP32 export (collected first) leading; scopes that are not an engine's keep their place last.
+    both would start on one model and, at its first ONNX engine, one would wait on the other's FP32 export;
+    in turn by model they export two models at once; with the exports last, the run ended on them, one
+    worker waiting on the other's.  Engines whose backend builds slowly (``BackendInfo.slow_build``:
+    exports, compiles) therefore go first.  Each model's engines keep the queue's order: collection order
+    (xdist's ``--loadscope-reorder`` sorts by tests per unit, equal for every engine today), which puts a
+    model's FP32 engine, the one that makes its export, first.  Scopes that are not an engine's come last.
     """
-    engines = [scope for scope in scopes if "::" not in scope]  # an engine's id; any other test's is its node id
-    others = [scope for scope in scopes if "::" in scope]
+    engines = [scope for scope in scopes if _is_engine(scope)]
+    others = [scope for scope in scopes if not _is_engine(scope)]
     slow = [engine for engine in engines if _slow_build(engine)]
     quick = [engine for engine in engines if not _slow_build(engine)]
     return interleave_by_model(slow) + interleave_by_model(quick) + others
@@ -179,22 +195,18 @@ def next_unit(queue: list[str], held: set[str], held_elsewhere: set[str]) -> str
     """The unit of work a worker takes next from ``queue`` (in :func:`work_order`).
 
     The first, unless its model is already held by another worker and not by this one (``held``: the models
-    of the engines it was given): then the first unit of the same kind (slow build or not) of a model this
-    worker holds, if any.  A model held by no worker yet goes to whoever asks, so the exports start at once;
-    after that each worker keeps to its models while it has work of the kind at hand, and takes another's
-    only when its own run out.  Each model is then loaded, its FP32 reference built and its export awaited by
-    as few workers as the balance allows (on two H100s each of two workers loaded all three models, and one
-    waited 11.8 s for the other's gpt2 export).
+    of the engines it was given): then the first unit of the same kind (a slow build or not, as the first)
+    of a model this worker holds, if any.  A model held by no worker yet goes to whoever asks, so the
+    exports start at once; after that each worker keeps to its models while it has work of the kind at
+    hand, and takes another's only when its own run out.  Each model is then loaded, its FP32 reference
+    built and its export awaited by as few workers as the balance allows.
     """
     head = queue[0]
-    if "::" in head:  # not an engine's
+    if not _is_engine(head) or _model(head) in held or _model(head) not in held_elsewhere:
         return head
-    model = head.split("/", 1)[0]
-    if model in held or model not in held_elsewhere:
-        return head
-    kind = _slow_build(head)
+    slow = _slow_build(head)
     return next((scope for scope in queue
-                 if "::" not in scope and scope.split("/", 1)[0] in held and _slow_build(scope) == kind), head)
+                 if _is_engine(scope) and _model(scope) in held and _slow_build(scope) == slow), head)
 
 
 def engine_scheduler(config, log):
@@ -223,8 +235,8 @@ def engine_scheduler(config, log):
                                       if other is not node and other in self.nodes))
             scope = next_unit(list(self.workqueue), held, elsewhere)
             self.workqueue.move_to_end(scope, last=False)  # the parent hands out the first
-            if "::" not in scope:
-                held.add(scope.split("/", 1)[0])
+            if _is_engine(scope):
+                held.add(_model(scope))
             super()._assign_work_unit(node)
 
     return EngineScheduling(config, log)

@@ -195,6 +195,11 @@ class FidelityReport:
     def shard_path(self, worker: str) -> Path | None:
         return None if self.path is None else self.path.with_name(f"{self.path.name}.{worker}.part")
 
+    @staticmethod
+    def shard_worker(shard_name: str) -> str:
+        """The worker (``gw3``) that wrote a shard named as :meth:`shard_path` names it."""
+        return shard_name.rsplit(".", 2)[-2]
+
     def shards(self) -> list[Path]:
         return [] if self.path is None else sorted(self.path.parent.glob(f"{self.path.name}.*.part"))
 
@@ -242,11 +247,10 @@ class FidelityReport:
         """This process's environment; under pytest-xdist with each worker's device and CPU threads."""
         if not self._shard_data:
             return self.environment
-        workers = {}
-        for name, data in sorted(self._shard_data.items()):
-            env = data.get("environment") or {}
-            workers[name.rsplit(".", 2)[-2]] = {"device": env.get("device"), "cpu_threads": env.get("cpu_threads")}
-        return {**self.environment, "workers": workers}
+        workers = {self.shard_worker(name): {"device": (data.get("environment") or {}).get("device"),
+                                             "cpu_threads": (data.get("environment") or {}).get("cpu_threads")}
+                   for name, data in self._shard_data.items()}
+        return {**self.environment, "workers": dict(sorted(workers.items(), key=lambda kv: (len(kv[0]), kv[0])))}  # gw2 < gw10
 
     def _cache_record(self) -> dict[str, Any]:
         """The engine cache's events: this process's and each worker's."""

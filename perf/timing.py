@@ -30,7 +30,7 @@ import torch
 
 from engines.backends.base import Runner
 from engines.batch import TokenBatch
-from engines.workers import machine_threads
+from engines.workers import all_cpu_threads
 from perf.stats import median
 
 INPUT_COPIES = 4
@@ -257,12 +257,13 @@ class CpuBaseline:
     def median_seconds(self, model: str, shape: tuple[int, int]) -> float:
         key = (model, *shape)
         if key not in self._medians:
-            if model not in self._runners:
-                self._runners[model] = self.factory.build(self.factory.cpu_baseline_spec(model), device="cpu")
-            runner = self._runners[model]
-            call = TimedEngine(runner, staged_inputs(runner, *shape, copies=2))
-            with device_lock(runner.device), machine_threads():  # a worker's share is not the baseline's CPU
-                self._medians[key] = median(sample_seconds(call, warmup=1, rounds=self.rounds))
+            with all_cpu_threads():  # a CPU engine: built and timed with the machine's threads, not a worker's share
+                if model not in self._runners:
+                    self._runners[model] = self.factory.build(self.factory.cpu_baseline_spec(model), device="cpu")
+                runner = self._runners[model]
+                call = TimedEngine(runner, staged_inputs(runner, *shape, copies=2))
+                with device_lock(runner.device):
+                    self._medians[key] = median(sample_seconds(call, warmup=1, rounds=self.rounds))
         return self._medians[key]
 
     def medians(self) -> dict[str, float]:

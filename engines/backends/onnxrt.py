@@ -77,7 +77,7 @@ class OnnxRuntimeRunner(Runner):
         ort = _onnxruntime()
         self.graph = precision_graph(self.model, self.policy, self.options.cache or EngineCache())
         self.audit = verified_audit(self.graph, self.policy, engine=self.name)
-        options = onnxruntime_session_options(ort)
+        options = onnxruntime_session_options(ort, cpu_engine=self.device.type == "cpu")
         # Basic optimizations only: constant folding and dead-code removal, no
         # fusions that would change which ops compute in which dtype.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

@@ -127,20 +127,24 @@ def test_a_worker_keeps_to_its_models_while_it_has_work_of_the_kind_at_hand():
 
 def test_the_committed_two_gpu_nightly_run_has_one_processs_rows_and_the_times_the_readme_gives():
     folder = ROOT / "docs" / "results" / "xdist-h100x2"
-    serial, xdist = (rows(folder / "nightly" / f"{mode}.json") for mode in ("serial", "xdist"))
-    assert len(serial) == 315 and set(serial) == set(xdist)
-    for key, row in serial.items():
-        for field in ("samples", "min_cosine", "max_abs_err", "nan_count", "inf_count", "verdict"):
-            assert xdist[key][field] == row[field], (key, field)
+    serial = rows(folder / "nightly" / "serial.json")
+    assert len(serial) == 315
+    for xdist in (rows(folder / "nightly" / "xdist.json"), rows(folder / "nightly" / "work-order" / "xdist.json")):
+        assert set(serial) == set(xdist)
+        for key, row in serial.items():
+            for field in ("samples", "min_cosine", "mean_cosine", "max_abs_err", "nan_count", "inf_count", "verdict"):
+                assert xdist[key][field] == row[field], (key, field)
     devices = collections.Counter(row["device"] for row in json.loads((folder / "nightly" / "xdist.json").read_text())["rows"])
     assert set(devices) == {"cuda:0", "cuda:1"}
     times = dict(re.findall(r"^(\w+) rc=0 wall ([\d.]+) s", (folder / "nightly" / "times.txt").read_text(), re.M))
     readme = (folder / "README.md").read_text()
     assert f"| {times['serial']} s |" in readme and f"| {times['xdist']} s |" in readme
     assert f"Speedup {float(times['serial']) / float(times['xdist']):.2f}x" in readme
+    alone = re.search(r"^xdist rc=0 wall ([\d.]+) s", (folder / "nightly" / "work-order" / "times.txt").read_text(), re.M)
+    assert f"**{alone.group(1)} s**" in readme and f"{float(times['serial']) / float(alone.group(1)):.2f}x" in readme
 
 
-def test_a_worker_takes_its_share_of_the_cpu_threads_and_the_cpu_baseline_the_machines(monkeypatch):
+def test_a_worker_on_a_gpu_takes_its_share_of_the_cpu_threads_and_cpu_engines_the_machines(monkeypatch):
     import onnxruntime as ort
     import torch
 
@@ -148,19 +152,26 @@ def test_a_worker_takes_its_share_of_the_cpu_threads_and_the_cpu_baseline_the_ma
 
     assert [workers.thread_share(16, 2), workers.thread_share(2, 2), workers.thread_share(1, 4)] == [8, 1, 1]
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(workers, "_threads_before_share", None)  # this process took no share (also under -n)
     worker = types.SimpleNamespace(workerinput={"workerid": "gw1", "workercount": 2})  # what xdist gives a worker
     assert workers.share_cpu_threads(worker, "cpu") is None  # CPU engines: the threads are part of their numerics
     assert workers.share_cpu_threads(types.SimpleNamespace(), "cuda") is None  # one process, or the controller
-    assert workers.onnxruntime_session_options(ort).intra_op_num_threads == 0  # one process: onnxruntime's default
+    assert workers.onnxruntime_session_options(ort).intra_op_num_threads == 0  # onnxruntime's default
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr(workers, "_machine_threads", None)
         assert workers.share_cpu_threads(worker, "cuda:1") == workers.thread_share(before, 2) == torch.get_num_threads()
         torch.set_num_threads(before)
-        monkeypatch.setattr(workers, "_machine_threads", before + 1)  # as on a worker whose machine has one more
+        monkeypatch.setattr(workers, "_threads_before_share", before + 1)  # as on a worker whose machine has one more
         assert workers.onnxruntime_session_options(ort).intra_op_num_threads == before
-        with workers.machine_threads():
+        assert workers.onnxruntime_session_options(ort, cpu_engine=True).intra_op_num_threads == 0
+        with workers.all_cpu_threads():
             assert torch.get_num_threads() == before + 1
         assert torch.get_num_threads() == before
+        # OMP_NUM_THREADS set: that is the share, torch's count untouched, and onnxruntime's sessions follow it.
+        monkeypatch.setattr(workers, "_threads_before_share", None)
+        monkeypatch.setenv("OMP_NUM_THREADS", str(before))
+        torch.set_num_threads(before)
+        assert workers.share_cpu_threads(worker, "cuda") == before == torch.get_num_threads()
+        assert workers.onnxruntime_session_options(ort).intra_op_num_threads == before
     finally:
         torch.set_num_threads(before)

@@ -15,8 +15,9 @@ SEL=(-m fidelity fidelity --device=cuda --model-path=minilm=/tmp/minilm --models
      --durations=0)
 case ${1:-} in
   start)
+    rm -f "$RES/finished" "$RES/times.txt"
     { nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader
-      python -c "import torch, xdist; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count(), 'xdist', xdist.__version__)"
+      python -c "import importlib.metadata as m, torch; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count(), *(f'{p} {m.version(p)}' for p in ('pytest', 'pytest-xdist', 'pytest-benchmark')))"
     } > "$RES/machine.txt"
     setsid nohup bash -c '
       for mode in ${MODES:-serial xdist}; do

@@ -40,6 +40,10 @@ for engine in dict.fromkeys(r["engine"] for r in warm.values()):
 for model in ("bert-base", "gpt2"):
     keys = [k for k in warm if warm[k]["model"] == model]
     print(f"  all {model} rows: {spread([cold[k]['cpu_fp32_median_ms'] / warm[k]['cpu_fp32_median_ms'] for k in keys])}")
+second = json.loads((HERE / "second-attempt" / "runs.jsonl").read_text().splitlines()[-1])["cpu_fp32_median_ms"]
+print("CPU FP32 baseline, second-attempt/'s median / this run's (both measured first, alone; two hosts of one kind):")
+for model in ("bert-base", "gpt2"):
+    print(f"  {model}: {spread([second[k] / ms for k, ms in run['cpu_fp32_median_ms'].items() if k.startswith(model + ' ')])}")
 print("peak device memory, this run / ../full, per engine over its 30 shapes; then the 30 ratios in measuring order:")
 for engine in dict.fromkeys(r["engine"] for r in warm.values()):
     keys = [k for k in warm if warm[k]["engine"] == engine]
