@@ -140,6 +140,12 @@ def test_the_committed_two_gpu_nightly_run_has_one_processs_rows_and_the_times_t
     readme = (folder / "README.md").read_text()
     assert f"| {times['serial']} s |" in readme and f"| {times['xdist']} s |" in readme
     assert f"Speedup {float(times['serial']) / float(times['xdist']):.2f}x" in readme
+    # The committed analyses are what analyse.py makes of the committed runs.
+    for run, serial_folder in ((folder / "nightly", None), (folder / "nightly" / "work-order", folder / "nightly")):
+        args = [sys.executable, *(str(path.relative_to(ROOT)) for path in (folder / "analyse.py", run))]
+        args += [] if serial_folder is None else ["--serial", str(serial_folder.relative_to(ROOT))]
+        made = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        assert made == (run / "analysis.txt").read_text(), f"{run}/analysis.txt is stale: rerun {' '.join(args[1:])}"
     alone = re.search(r"^xdist rc=0 wall ([\d.]+) s", (folder / "nightly" / "work-order" / "times.txt").read_text(), re.M)
     assert f"**{alone.group(1)} s**" in readme and f"{float(times['serial']) / float(alone.group(1)):.2f}x" in readme
 

