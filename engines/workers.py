@@ -44,6 +44,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from engines.backends.base import split_engine_name
+
 SESSION_START_KEY = "fidelity_session_start"
 # The parameter of a test on one engine: "[model/backend/precision]", or with the benchmarks' shape in front.
 _ENGINE_PARAM = re.compile(r"\[(?:b\d+s\d+-)?([^\[\]/]+/[^\[\]/]+/[^\[\]]+)\]$")
@@ -163,13 +165,13 @@ def _is_engine(scope: str) -> bool:
 
 
 def _model(engine: str) -> str:
-    return engine.split("/", 1)[0]
+    return split_engine_name(engine)[0]
 
 
 def _slow_build(engine: str) -> bool:
     from engines.backends.registry import BACKENDS
 
-    info = BACKENDS.get(engine.split("/")[1])
+    info = BACKENDS.get(split_engine_name(engine)[1])
     return bool(info and info.slow_build)
 
 

@@ -247,9 +247,10 @@ class FidelityReport:
         """This process's environment; under pytest-xdist with each worker's device and CPU threads."""
         if not self._shard_data:
             return self.environment
-        workers = {self.shard_worker(name): {"device": (data.get("environment") or {}).get("device"),
-                                             "cpu_threads": (data.get("environment") or {}).get("cpu_threads")}
-                   for name, data in self._shard_data.items()}
+        workers = {}
+        for name, data in self._shard_data.items():
+            env = data.get("environment") or {}
+            workers[self.shard_worker(name)] = {"device": env.get("device"), "cpu_threads": env.get("cpu_threads")}
         return {**self.environment, "workers": dict(sorted(workers.items(), key=lambda kv: (len(kv[0]), kv[0])))}  # gw2 < gw10
 
     def _cache_record(self) -> dict[str, Any]:
