@@ -129,7 +129,9 @@ def test_the_committed_two_gpu_nightly_run_has_one_processs_rows_and_the_times_t
     folder = ROOT / "docs" / "results" / "xdist-h100x2"
     serial = rows(folder / "nightly" / "serial.json")
     assert len(serial) == 315
-    for xdist in (rows(folder / "nightly" / "xdist.json"), rows(folder / "nightly" / "work-order" / "xdist.json")):
+    same_host = folder / "nightly" / "same-host"
+    for xdist in (rows(folder / "nightly" / "xdist.json"), rows(folder / "nightly" / "work-order" / "xdist.json"),
+                  rows(same_host / "serial.json"), rows(same_host / "xdist.json")):
         assert set(serial) == set(xdist)
         for key, row in serial.items():
             for field in ("samples", "min_cosine", "mean_cosine", "max_abs_err", "nan_count", "inf_count", "verdict"):
@@ -141,11 +143,21 @@ def test_the_committed_two_gpu_nightly_run_has_one_processs_rows_and_the_times_t
     assert f"| {times['serial']} s |" in readme and f"| {times['xdist']} s |" in readme
     assert f"Speedup {float(times['serial']) / float(times['xdist']):.2f}x" in readme
     # The committed analyses are what analyse.py makes of the committed runs.
-    for run, serial_folder in ((folder / "nightly", None), (folder / "nightly" / "work-order", folder / "nightly")):
+    for run, serial_folder in ((folder / "nightly", None), (folder / "nightly" / "work-order", folder / "nightly"),
+                               (same_host, None)):
         args = [sys.executable, *(str(path.relative_to(ROOT)) for path in (folder / "analyse.py", run))]
         args += [] if serial_folder is None else ["--serial", str(serial_folder.relative_to(ROOT))]
         made = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
         assert made == (run / "analysis.txt").read_text(), f"{run}/analysis.txt is stale: rerun {' '.join(args[1:])}"
+    # The like-for-like run (one host): its times, speedup and rows per device as the README gives them.
+    one_host = dict(re.findall(r"^(\w+) rc=0 wall ([\d.]+) s", (same_host / "times.txt").read_text(), re.M))
+    speedup = float(one_host["serial"]) / float(one_host["xdist"])
+    assert f"| {one_host['serial']} s |" in readme and f"| {one_host['xdist']} s |" in readme
+    assert f"**Speedup {speedup:.2f}x on one host" in readme and speedup >= 1.8
+    devices = collections.Counter(row["device"] for row in json.loads((same_host / "xdist.json").read_text())["rows"])
+    assert f"`cuda:0`: {devices['cuda:0']}, `cuda:1`: {devices['cuda:1']} |" in readme
+    main = " ".join((ROOT / "README.md").read_text().split())
+    assert f"took {one_host['xdist']} s with `-n 2` against {one_host['serial']} s in one process: **{speedup:.2f}x**" in main
     alone = re.search(r"^xdist rc=0 wall ([\d.]+) s", (folder / "nightly" / "work-order" / "times.txt").read_text(), re.M)
     assert f"**{alone.group(1)} s**" in readme and f"{float(times['serial']) / float(alone.group(1)):.2f}x" in readme
 

@@ -2,6 +2,7 @@
 
     python docs/results/xdist-h100x2/analyse.py docs/results/xdist-h100x2/nightly > docs/results/xdist-h100x2/nightly/analysis.txt
     python docs/results/xdist-h100x2/analyse.py docs/results/xdist-h100x2/nightly/work-order --serial docs/results/xdist-h100x2/nightly
+    python docs/results/xdist-h100x2/analyse.py docs/results/xdist-h100x2/nightly/same-host > docs/results/xdist-h100x2/nightly/same-host/analysis.txt
 
 Reads FOLDER/{times.txt, xdist.json, xdist.log} and the one-process run's {times.txt, serial.json, serial.log}
 (FOLDER itself unless --serial names another folder). Each test's duration comes from pytest's --durations
