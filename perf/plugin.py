@@ -39,7 +39,16 @@ from perf.baselines import (
 )
 from perf.options import GRIDS, PERF_OPTIONS, PerfOptions
 from perf.session import PerfSession
-from perf.workers import REFUSAL_KEY, SHARDS_KEY, Controller, WorkerShard, is_aggregate, is_controller, timing_device
+from perf.workers import (
+    REFUSAL_KEY,
+    SHARDS_KEY,
+    Controller,
+    WorkerShard,
+    cpu_baseline_path,
+    is_aggregate,
+    is_controller,
+    timing_device,
+)
 
 PERF_KEY = pytest.StashKey[PerfSession]()
 MARKERS = {"perf": "latency and memory benchmarks (pytest-benchmark)"}
@@ -142,6 +151,8 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:  # a pytest-xdist worker: its results go to its shard (perf/workers.py)
         session.worker, session.workers = worker_id(config), int(workerinput.get("workercount") or 1)
+        if workerinput.get(SHARDS_KEY):  # one CPU FP32 median per (model, shape) for the whole run
+            session.cpu.shared, session.cpu.worker = cpu_baseline_path(workerinput[SHARDS_KEY]), session.worker
         config.pluginmanager.register(
             WorkerShard(config, session, workerinput.get(SHARDS_KEY), workerinput.get(REFUSAL_KEY)),
             "fidelity-perf-worker",

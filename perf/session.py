@@ -176,7 +176,8 @@ class PerfSession:
         result.worker = self.worker
         result.cpu_fp32_median_s = self.cpu_fp32_median(runner, shape)  # after: under the CPU's own lock
         benchmark.extra_info.update(result.extra_info())
-        benchmark.extra_info.update(worker=self.worker, workers=self.workers, device_lock=hold.record())
+        benchmark.extra_info.update(worker=self.worker, workers=self.workers, device_lock=hold.record(),
+                                    cpu_fp32_measured_by=self.cpu.measured_by(runner.model.name, shape))
         self.results.append(result)
         return result
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import socket
@@ -239,24 +240,46 @@ def cap_device_memory(device: str, gib: float) -> None:
 
 
 CPU_BASELINE_ROUNDS = 3  # the CPU FP32 forward is slow at large shapes: few rounds, recorded with each result
+CPU_BASELINE_SCHEMA_VERSION = 1  # of the file the workers of one pytest-xdist run share (CpuBaseline.shared)
 
 
 class CpuBaseline:
     """The same model's FP32 engine on the CPU (``factory.cpu_baseline_spec``), timed per shape in this run.
 
     One CPU engine per model, one median per (model, shape), both kept for the run: what the
-    benchmarks' and the sweep's speedups are computed against.
+    benchmarks' and the sweep's speedups are computed against.  Each median is measured under the CPU's lock,
+    its engine's build too, so no other process of this user times (or builds a baseline) on the CPU meanwhile.
+
+    ``shared``: a JSON file the workers of one pytest-xdist run share (perf.workers makes it beside their
+    shards): the first worker to need a (model, shape) measures it and writes it there, the others read it, so
+    a merged run has one CPU median per (model, shape), as one process does, and measures each once.  Without
+    it, two workers that both ran gpt2 engines timed gpt2's CPU baseline twice, at once with the other's work,
+    and one run's results carried two medians for one shape, 37.7 ms and 80.6 ms (docs/results/xdist-h100x2/perf).
     """
 
-    def __init__(self, factory, *, rounds: int = CPU_BASELINE_ROUNDS) -> None:
+    def __init__(self, factory, *, rounds: int = CPU_BASELINE_ROUNDS, shared: Path | None = None,
+                 worker: str | None = None) -> None:
         self.factory = factory
         self.rounds = rounds
+        self.shared = None if shared is None else Path(shared)
+        self.worker = worker  # who measured a median, as the shared file records it
         self._runners: dict[str, Runner] = {}
         self._medians: dict[tuple[str, int, int], float] = {}
+        self._measured_by: dict[tuple[str, int, int], str | None] = {}
+
+    @staticmethod
+    def label(model: str, shape: tuple[int, int]) -> str:
+        return f"{model} b{shape[0]} s{shape[1]}"
 
     def median_seconds(self, model: str, shape: tuple[int, int]) -> float:
         key = (model, *shape)
-        if key not in self._medians:
+        if key in self._medians:
+            return self._medians[key]
+        with device_lock("cpu"):  # the read, the build, the timing and the write: one worker at a time
+            found = self._read_shared().get(self.label(model, shape))
+            if found is not None:
+                self._medians[key], self._measured_by[key] = found["median_s"], found.get("worker")
+                return self._medians[key]
             with all_cpu_threads():  # a CPU engine: built and timed with the machine's threads, not a worker's share
                 if model not in self._runners:
                     self._runners[model] = self.factory.build(self.factory.cpu_baseline_spec(model), device="cpu")
@@ -264,11 +287,38 @@ class CpuBaseline:
                 call = TimedEngine(runner, staged_inputs(runner, *shape, copies=2))
                 with device_lock(runner.device):
                     self._medians[key] = median(sample_seconds(call, warmup=1, rounds=self.rounds))
+            self._measured_by[key] = self.worker
+            self._write_shared(model, shape)
         return self._medians[key]
+
+    def measured_by(self, model: str, shape: tuple[int, int]) -> str | None:
+        """The pytest-xdist worker that measured this median (None in one process)."""
+        return self._measured_by.get((model, *shape))
+
+    def _read_shared(self) -> dict[str, dict[str, Any]]:
+        if self.shared is None or not self.shared.exists():
+            return {}
+        data = json.loads(self.shared.read_text())
+        if data.get("schema") != CPU_BASELINE_SCHEMA_VERSION or data.get("rounds") != self.rounds:
+            raise ValueError(f"{self.shared}: CPU baseline medians of schema {data.get('schema')} and "
+                             f"{data.get('rounds')} rounds, this run wants schema {CPU_BASELINE_SCHEMA_VERSION} "
+                             f"and {self.rounds} rounds: the workers of one run disagree")
+        return data["medians"]
+
+    def _write_shared(self, model: str, shape: tuple[int, int]) -> None:
+        if self.shared is None:
+            return
+        medians = self._read_shared()
+        key = (model, *shape)
+        medians[self.label(model, shape)] = {"median_s": self._medians[key], "worker": self._measured_by[key]}
+        data = {"schema": CPU_BASELINE_SCHEMA_VERSION, "rounds": self.rounds, "medians": medians}
+        partial = self.shared.with_name(self.shared.name + f".{os.getpid()}.part")
+        partial.write_text(json.dumps(data, indent=1, sort_keys=True))
+        partial.replace(self.shared)  # whole or not at all: a reader never sees half a file
 
     def medians(self) -> dict[str, float]:
         """Every median measured so far, in ms, keyed ``"<model> b<batch> s<sequence>"`` (for a run's record)."""
-        return {f"{model} b{batch} s{seq}": seconds * 1e3 for (model, batch, seq), seconds in self._medians.items()}
+        return {self.label(model, (batch, seq)): seconds * 1e3 for (model, batch, seq), seconds in self._medians.items()}
 
     def close(self) -> None:
         """Drop the CPU engines (the medians stay: a later shape builds its engine again)."""

@@ -14,6 +14,10 @@
   turns, workers on different GPUs never wait.  Each result records its device, GPU index, worker, the
   number of workers and its hold of the lock (``extra_info``: device, gpu_index, worker, workers,
   device_lock).
+* **One CPU FP32 baseline per run.**  The first worker to need a (model, shape) times its CPU FP32 median
+  and writes it beside the shards (:func:`cpu_baseline_path`); the others read it (perf.timing.CpuBaseline):
+  every result of the merged run is set against the same CPU median, as in one process, and each
+  ``extra_info`` names the worker that measured it (``cpu_fp32_measured_by``).
 * **Shards.**  Each worker rewrites its shard (``gwN.json`` in a folder the controller made for this
   session) after every perf item: pytest-benchmark's own JSON of what it measured (every round kept),
   with its results and their comparisons under :data:`SHARD_KEY`.  An interrupted run keeps what every
@@ -113,6 +117,11 @@ def enable_on_worker(config: pytest.Config) -> None:
 
 def shard_path(folder: Path, worker: str) -> Path:
     return Path(folder) / f"{worker}.json"
+
+
+def cpu_baseline_path(folder: Path | str) -> Path:
+    """The CPU FP32 medians the workers share (perf.timing.CpuBaseline.shared), beside their shards."""
+    return Path(folder) / "cpu-baseline.json"
 
 
 class WorkerShard:

@@ -32,10 +32,11 @@ def private_tmp(tmp_path: Path) -> dict[str, str]:
     return {"TMPDIR": str(folder)}
 
 
-def run(tmp_path: Path, *args: str, workers: int | None = 2) -> subprocess.CompletedProcess:
+def run(tmp_path: Path, *args: str, workers: int | None = 2, cpu_baseline: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", **private_tmp(tmp_path))
     xdist = ["-n", str(workers)] if workers else []
-    return subprocess.run([sys.executable, "-m", "pytest", *SELECT, *xdist, *args], cwd=ROOT, env=env,
+    select = [arg for arg in SELECT if cpu_baseline is False or arg != "--no-cpu-baseline"]
+    return subprocess.run([sys.executable, "-m", "pytest", *select, *xdist, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -50,11 +51,12 @@ def benchmarks(path: Path) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def serial_and_xdist(tmp_path_factory):
     """One run in one process and one with two workers (each call slowed 20 ms, so that the workers' timing
-    overlaps in time and the lock has something to keep apart), both with --benchmark-json."""
+    overlaps in time and the lock has something to keep apart), both with --benchmark-json and the CPU FP32
+    baseline (the engines of both workers are tiny-bert's: both need its CPU median at both shapes)."""
     tmp = tmp_path_factory.mktemp("xdist-json")
-    serial = run(tmp, f"--benchmark-json={tmp / 'serial.json'}", workers=None)
+    serial = run(tmp, f"--benchmark-json={tmp / 'serial.json'}", workers=None, cpu_baseline=True)
     assert serial.returncode == 0, serial.stdout[-3000:] + serial.stderr[-2000:]
-    proc = run(tmp, f"--benchmark-json={tmp / 'xdist.json'}", "--perf-slow-engine", "*=20", "-v")
+    proc = run(tmp, f"--benchmark-json={tmp / 'xdist.json'}", "--perf-slow-engine", "*=20", "-v", cpu_baseline=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     return tmp, proc
 
@@ -75,6 +77,14 @@ def test_two_workers_give_the_serial_runs_benchmarks_each_naming_its_worker_and_
     # Each engine timed by one worker, and both workers timed one.
     assert set(workers) == ENGINES and all(len(w) == 1 for w in workers.values()), workers
     assert set().union(*workers.values()) == {"gw0", "gw1"}
+    # One CPU FP32 median per shape for the whole run, measured once, by one worker, whichever timed the engine.
+    for shape in {(b["extra_info"]["batch"], b["extra_info"]["sequence"]) for b in two.values()}:
+        infos = [b["extra_info"] for b in two.values() if (b["extra_info"]["batch"], b["extra_info"]["sequence"]) == shape]
+        assert len(infos) == 2 and {info["worker"] for info in infos} == {"gw0", "gw1"}, infos
+        assert len({info["cpu_fp32_median_ms"] for info in infos}) == 1, infos
+        assert len({info["cpu_fp32_measured_by"] for info in infos}) == 1, infos
+        assert infos[0]["cpu_fp32_measured_by"] in ("gw0", "gw1"), infos
+    assert all(b["extra_info"]["cpu_fp32_measured_by"] is None for b in one.values())
     data = json.loads((tmp / "xdist.json").read_text())
     assert data["fidelity_suite_run"] == {"schema": 1, "selected": 4, "finished": 4, "interrupted": False,
                                           "complete": True}
@@ -276,3 +286,20 @@ def test_a_wait_for_a_device_held_elsewhere_is_said_and_ends_when_it_is_released
         assert "note: waiting for" in note and "timing lock" in note, note
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.startswith("held"), err
+
+
+def test_a_cpu_median_another_worker_wrote_is_read_not_measured_and_one_of_another_kind_is_refused(tmp_path, monkeypatch):
+    """The read side of the shared CPU FP32 baseline (the -n 2 run above covers the write): a median in the file is
+    this run's, named with its worker, and no engine is built for it (the factory is None here)."""
+    import perf.timing as timing
+
+    monkeypatch.setenv(timing.DEVICE_LOCKS_ENV, str(tmp_path / "locks"))
+    shared = tmp_path / "cpu-baseline.json"
+    shared.write_text(json.dumps({"schema": timing.CPU_BASELINE_SCHEMA_VERSION, "rounds": 3,
+                                  "medians": {"tiny-bert b4 s64": {"median_s": 0.25, "worker": "gw1"}}}))
+    cpu = timing.CpuBaseline(None, shared=shared, worker="gw0")
+    assert cpu.median_seconds("tiny-bert", (4, 64)) == 0.25 and cpu.measured_by("tiny-bert", (4, 64)) == "gw1"
+    assert cpu.medians() == {"tiny-bert b4 s64": 250.0}
+    other = timing.CpuBaseline(None, rounds=5, shared=shared, worker="gw0")  # workers that disagree on the rounds
+    with pytest.raises(ValueError, match="3 rounds, this run wants schema 1 and 5 rounds"):
+        other.median_seconds("tiny-bert", (4, 64))
