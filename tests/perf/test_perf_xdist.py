@@ -303,3 +303,30 @@ def test_a_cpu_median_another_worker_wrote_is_read_not_measured_and_one_of_anoth
     other = timing.CpuBaseline(None, rounds=5, shared=shared, worker="gw0")  # workers that disagree on the rounds
     with pytest.raises(ValueError, match="3 rounds, this run wants schema 1 and 5 rounds"):
         other.median_seconds("tiny-bert", (4, 64))
+
+
+def test_the_committed_two_gpu_benchmark_runs_are_what_their_readme_says():
+    """docs/results/xdist-h100x2/perf: the benchmarks on two H100s in one process and under -n 2 (perf.sh)."""
+    folder = ROOT / "docs" / "results" / "xdist-h100x2"
+    for run in (folder / "perf", folder / "perf" / "before-shared-cpu"):
+        args = [sys.executable, str((folder / "analyse_perf.py").relative_to(ROOT)), str(run.relative_to(ROOT))]
+        made = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        assert made == (run / "analysis.txt").read_text(), f"{run}/analysis.txt is stale: rerun {' '.join(args[1:])}"
+    one, two = benchmarks(folder / "perf" / "serial.json"), benchmarks(folder / "perf" / "xdist.json")
+    assert len(one) == 24 and set(one) == set(two)
+    gpus = {}
+    for info in (b["extra_info"] for b in two.values()):
+        assert info["device"] == f"cuda:{info['gpu_index']}" and info["workers"] == 2, info
+        gpus.setdefault(info["worker"], set()).add(info["gpu_index"])
+    assert gpus == {"gw0": {0}, "gw1": {1}}  # each worker on its own GPU
+    cpu_medians = {}
+    for info in (b["extra_info"] for b in two.values()):
+        cpu_medians.setdefault((info["engine"].split("/")[0], info["batch"], info["sequence"]), set()).add(
+            (info["cpu_fp32_median_ms"], info["cpu_fp32_measured_by"]))
+    assert all(len(values) == 1 for values in cpu_medians.values()), cpu_medians
+    ratios = [two[name]["extra_info"]["median_ms"] / bench["extra_info"]["median_ms"] for name, bench in one.items()]
+    times = dict(re.findall(r"^(\w+) rc=0 wall ([\d.]+) s", (folder / "perf" / "times.txt").read_text(), re.M))
+    readme = " ".join((folder / "README.md").read_text().split())
+    assert f"{min(ratios):.3f}-{max(ratios):.3f}x of one process's" in readme
+    assert f"{times['xdist']} s with `-n 2` against {times['serial']} s" in readme
+    assert "24 items `pass, pass`" in readme and "pass, pass: 24" in (folder / "perf" / "analysis.txt").read_text()

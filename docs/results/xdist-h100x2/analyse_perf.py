@@ -1,5 +1,6 @@
 """The benchmarks on one 2-GPU host, in one process and with -n 2 (perf.sh): what the two runs' results say.
 
+    python docs/results/xdist-h100x2/analyse_perf.py docs/results/xdist-h100x2/perf > docs/results/xdist-h100x2/perf/analysis.txt
     python docs/results/xdist-h100x2/analyse_perf.py docs/results/xdist-h100x2/perf/before-shared-cpu > docs/results/xdist-h100x2/perf/before-shared-cpu/analysis.txt
 
 Reads FOLDER/{times.txt, serial.json, xdist.json} (pytest-benchmark's --benchmark-json of each run) and, when

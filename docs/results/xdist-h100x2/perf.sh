@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Issue 14, item 4 on GPUs (not run yet): the benchmarks under pytest-xdist on one 2-GPU host. The same perf run
+# Issue 14, item 4 on GPUs (results: perf/, README.md there): the benchmarks under pytest-xdist on one 2-GPU host. The same perf run
 # twice: once in one process, once with -n 2 (one worker per GPU); each saves its run (--benchmark-save) and writes
 # --benchmark-json, so the two can be set side by side: every benchmark once, each naming its worker and GPU
 # (extra_info: worker, gpu_index, device_lock), and a compare under -n 2 against the serial run's baseline.
 # Usage (repository root, a device call of kind nvidia-h100-x2): bash docs/results/xdist-h100x2/perf.sh
+# Then, here: copy $RES's files beside this script (perf/) and run analyse_perf.py on them.
 set -uo pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; RES=${RES:-/tmp/xdist-perf}; mkdir -p "$OUT" "$RES"
 # DEVICE=cpu MODELS=tiny-bert BACKENDS=torch: a check of the script on a CPU machine.
 SEL=(-m perf perf --device="${DEVICE:-cuda}" --models="${MODELS:-bert-base,gpt2}" --backends="${BACKENDS:-torch-cudagraph}"
      --precisions=fp32,hybrid,fp16 --engine-cache=/tmp/ec-perf --benchmark-storage="file://$RES/baselines")
-nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader > "$RES/machine.txt"
+{ nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader
+  python -c "import importlib.metadata as m, torch; print('torch', torch.__version__, *(f'{p} {m.version(p)}' for p in ('pytest', 'pytest-xdist', 'pytest-benchmark')))"
+} > "$RES/machine.txt"
 for mode in serial xdist; do
   args=(); [ "$mode" = xdist ] && args=(-n 2)
   start=$(date +%s.%N)
