@@ -146,6 +146,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(str(exc)) from None
     session = PerfSession(options, factory, baseline=baseline, compare=compare)
     session.baseline_notes = notes
+    session.benchmarks_disabled = bool(config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"))
     config.stash[PERF_KEY] = session
     config.pluginmanager.register(RunProgress(session), "fidelity-perf-progress")
     workerinput = getattr(config, "workerinput", None)
@@ -188,6 +189,14 @@ class RunProgress:
     @pytest.hookimpl(tryfirst=True)
     def pytest_keyboard_interrupt(self, excinfo) -> None:
         self.session.interrupted = True
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session):
+        # Before pytest-benchmark's own wrapper saves (--benchmark-save, --benchmark-json): finished items only.
+        bs = getattr(session.config, "_benchmarksession", None)
+        if bs is not None and self.session.interrupted:
+            bs.benchmarks[:] = self.session.finished_benchmarks(list(bs.benchmarks))
+        return (yield)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -248,7 +257,7 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     session = config.stash.get(PERF_KEY, None)
-    if session is None or not (session.results or session.run_notes):
+    if session is None or not (session.results or session.run_notes or session.benchmarks_disabled):
         return
     terminalreporter.write_sep("=", "latency gate")
     for line in session.summary_lines():

@@ -115,6 +115,10 @@ class PerfResult:
         }
 
 
+DISABLED_NOTE = ("benchmarks disabled (--benchmark-disable): each engine ran once per shape, untimed; nothing "
+                 "measured, compared or saved")
+
+
 class PerfSession:
     def __init__(
         self, options: PerfOptions, factory: EngineFactory, *, baseline: Baseline | None, compare: bool
@@ -131,12 +135,23 @@ class PerfSession:
         self.finished: set[str] = set()
         self.interrupted = False
         self.results: list[PerfResult] = []
+        self.benchmarks_disabled = False  # --benchmark-disable asked for: each item runs its engine once, untimed
         self.cpu = CpuBaseline(factory)
         # pytest-xdist: this process's worker id and the number of workers (None, None in one process), and
         # at the controller what it says about the workers' merged results (perf.workers).
         self.worker: str | None = None
         self.workers: int | None = None
         self.run_notes: list[str] = []
+
+    def finished_benchmarks(self, benchmarks: list) -> list:
+        """pytest-benchmark's benchmarks of the items that finished: it adds an item's benchmark when its timing
+        starts, so one an interrupt cut short would be saved with part of its rounds. Dropped, and said."""
+        kept = [b for b in benchmarks if b.fullname in self.finished]
+        cut = len(benchmarks) - len(kept)
+        note = f"not saved: {cut} benchmark(s) an interrupt cut short (part of their rounds only)"
+        if cut and note not in self.run_notes:
+            self.run_notes.append(note)
+        return kept
 
     def gates(self, backend: str) -> bool:
         """Whether a regression of this backend fails its test (others are compared and reported)."""
@@ -160,9 +175,15 @@ class PerfSession:
             return None
         return self.cpu.median_seconds(runner.model.name, shape)
 
-    def measure(self, benchmark, runner: Runner, shape: tuple[int, int]) -> PerfResult:
+    def measure(self, benchmark, runner: Runner, shape: tuple[int, int]) -> PerfResult | None:
+        """One engine at one shape, timed by pytest-benchmark; None under --benchmark-disable (run once, untimed)."""
         delay, factor = self.options.slowdown_for(runner.name)
         call = TimedEngine(runner, staged_inputs(runner, *shape), delay, factor)
+        if benchmark.disabled:
+            # --benchmark-disable: pytest-benchmark runs the call once and keeps no stats: a check that the
+            # engine runs at this shape. Nothing is measured, compared or saved.
+            benchmark.pedantic(call, setup=call.setup, rounds=1, iterations=1)
+            return None
         # Everything that runs the engine is timed or measured: under its device's lock (perf.timing.device_lock).
         with device_lock(runner.device) as hold:
             first_call = first_call_seconds(call)
@@ -176,8 +197,10 @@ class PerfSession:
         result.worker = self.worker
         result.cpu_fp32_median_s = self.cpu_fp32_median(runner, shape)  # after: under the CPU's own lock
         benchmark.extra_info.update(result.extra_info())
+        model = runner.model.name
         benchmark.extra_info.update(worker=self.worker, workers=self.workers, device_lock=hold.record(),
-                                    cpu_fp32_measured_by=self.cpu.measured_by(runner.model.name, shape))
+                                    cpu_fp32_measured_by=self.cpu.measured_by(model, shape),
+                                    cpu_fp32_lock=self.cpu.lock_hold(model, shape))
         self.results.append(result)
         return result
 
@@ -225,13 +248,15 @@ class PerfSession:
         The one definition for both places it is decided: the test item in one process, and the
         pytest-xdist controller over every worker's merged results (perf.workers).
         """
+        if self.benchmarks_disabled:
+            return "skipped", DISABLED_NOTE
         if not self.gate_enabled or self.baseline is None:
             return "skipped", "no baseline compared (--benchmark-compare with a stored baseline): nothing to aggregate"
         aggregate = self.aggregate()
         return ("failed" if aggregate.failed else "passed"), aggregate.message()
 
     def summary_lines(self) -> list[str]:
-        lines = [*self.baseline_notes, *self.run_notes]
+        lines = [*self.baseline_notes, *self.run_notes, *([DISABLED_NOTE] if self.benchmarks_disabled else [])]
         if self.baseline is not None:
             lines.append(f"baseline: {self.baseline.path}")
         placed = any(r.worker for r in self.results)  # pytest-xdist: which worker and device measured each

@@ -252,9 +252,10 @@ class CpuBaseline:
 
     ``shared``: a JSON file the workers of one pytest-xdist run share (perf.workers makes it beside their
     shards): the first worker to need a (model, shape) measures it and writes it there, the others read it, so
-    a merged run has one CPU median per (model, shape), as one process does, and measures each once.  Without
-    it, two workers that both ran gpt2 engines timed gpt2's CPU baseline twice, at once with the other's work,
-    and one run's results carried two medians for one shape, 37.7 ms and 80.6 ms (docs/results/xdist-h100x2/perf).
+    a merged run has one CPU median per (model, shape), as one process does, and measures each once (without
+    it, two workers timing one model's engines each timed its CPU baseline, and one run carried two medians
+    for one shape: docs/results/xdist-h100x2/perf/before-shared-cpu).  A median already in the file is read
+    without waiting for the lock (the file is replaced whole); only a missing one waits, then looks again.
     """
 
     def __init__(self, factory, *, rounds: int = CPU_BASELINE_ROUNDS, shared: Path | None = None,
@@ -266,6 +267,7 @@ class CpuBaseline:
         self._runners: dict[str, Runner] = {}
         self._medians: dict[tuple[str, int, int], float] = {}
         self._measured_by: dict[tuple[str, int, int], str | None] = {}
+        self._holds: dict[tuple[str, int, int], dict[str, Any]] = {}  # this process's hold of the CPU lock, per median
 
     @staticmethod
     def label(model: str, shape: tuple[int, int]) -> str:
@@ -273,23 +275,35 @@ class CpuBaseline:
 
     def median_seconds(self, model: str, shape: tuple[int, int]) -> float:
         key = (model, *shape)
-        if key in self._medians:
+        if key in self._medians or self._found_shared(key):
             return self._medians[key]
-        with device_lock("cpu"):  # the read, the build, the timing and the write: one worker at a time
-            found = self._read_shared().get(self.label(model, shape))
-            if found is not None:
-                self._medians[key], self._measured_by[key] = found["median_s"], found.get("worker")
-                return self._medians[key]
-            with all_cpu_threads():  # a CPU engine: built and timed with the machine's threads, not a worker's share
-                if model not in self._runners:
-                    self._runners[model] = self.factory.build(self.factory.cpu_baseline_spec(model), device="cpu")
-                runner = self._runners[model]
-                call = TimedEngine(runner, staged_inputs(runner, *shape, copies=2))
-                with device_lock(runner.device):
+        with device_lock("cpu") as hold:  # the build, the timing and the write: one process at a time
+            try:
+                if self._found_shared(key):  # measured by another worker while this one waited
+                    return self._medians[key]
+                with all_cpu_threads():  # a CPU engine: built and timed with the machine's threads, not a worker's share
+                    if model not in self._runners:
+                        self._runners[model] = self.factory.build(self.factory.cpu_baseline_spec(model), device="cpu")
+                    runner = self._runners[model]
+                    call = TimedEngine(runner, staged_inputs(runner, *shape, copies=2))
                     self._medians[key] = median(sample_seconds(call, warmup=1, rounds=self.rounds))
-            self._measured_by[key] = self.worker
-            self._write_shared(model, shape)
-        return self._medians[key]
+                self._measured_by[key] = self.worker
+                self._write_shared(model, shape)
+                return self._medians[key]
+            finally:
+                hold.released = time.time()
+                self._holds[key] = hold.record()
+
+    def _found_shared(self, key: tuple[str, int, int]) -> bool:
+        found = self._read_shared().get(self.label(key[0], key[1:]))
+        if found is not None:
+            self._medians[key], self._measured_by[key] = found["median_s"], found.get("worker")
+        return found is not None
+
+    def lock_hold(self, model: str, shape: tuple[int, int]) -> dict[str, Any] | None:
+        """The hold of the CPU lock (asked, got, given back, waited) taken for this median, given once: to the item
+        whose ask took it; None for every other item, and where no lock was taken (the median in the shared file)."""
+        return self._holds.pop((model, *shape), None)
 
     def measured_by(self, model: str, shape: tuple[int, int]) -> str | None:
         """The pytest-xdist worker that measured this median (None in one process)."""

@@ -173,7 +173,7 @@ class WorkerShard:
         from engines.files import atomic_write_text
 
         bs = getattr(self.config, "_benchmarksession", None)
-        benchmarks = list(bs.benchmarks) if bs is not None else []
+        benchmarks = self.session.finished_benchmarks(list(bs.benchmarks)) if bs is not None else []
         if self._infos is None:  # once per worker: pytest-benchmark's machine info reads the CPU's (a second)
             hook = self.config.hook
             machine_info = hook.pytest_benchmark_generate_machine_info(config=self.config)

@@ -54,8 +54,8 @@ def engine_cache(tmp_path_factory):
 
 @pytest.fixture
 def interrupted_run():
-    """``interrupted_run(args, cwd, env=None)``: run a pytest session (``env`` added to this one's), send it Ctrl-C
-    after its first PASSED item.
+    """``interrupted_run(args, cwd, env=None, delay_s=0)``: run a pytest session (``env`` added to this one's), send it
+    Ctrl-C ``delay_s`` seconds after its first PASSED item.
 
     Returns ``(exit code, output)``; pytest's exit code for an interrupted session is 2.
     """
@@ -63,8 +63,9 @@ def interrupted_run():
     import signal
     import subprocess
     import sys
+    import time
 
-    def run(args: list[str], cwd, env: dict[str, str] | None = None) -> tuple[int, str]:
+    def run(args: list[str], cwd, env: dict[str, str] | None = None, delay_s: float = 0.0) -> tuple[int, str]:
         env = dict(os.environ, **(env or {}), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", *args],
@@ -74,6 +75,7 @@ def interrupted_run():
         for line in proc.stdout:
             output.append(line)
             if "PASSED" in line:
+                time.sleep(delay_s)
                 proc.send_signal(signal.SIGINT)
                 break
         output.extend(proc.stdout)

@@ -7,6 +7,7 @@ leftover shard is seen and these runs do not wait on the lock of another test se
 
 import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -84,6 +85,11 @@ def test_two_workers_give_the_serial_runs_benchmarks_each_naming_its_worker_and_
         assert len({info["cpu_fp32_median_ms"] for info in infos}) == 1, infos
         assert len({info["cpu_fp32_measured_by"] for info in infos}) == 1, infos
         assert infos[0]["cpu_fp32_measured_by"] in ("gw0", "gw1"), infos
+        measurer = next(info for info in infos if info["worker"] == infos[0]["cpu_fp32_measured_by"])
+        assert measurer["cpu_fp32_lock"]["key"].endswith("-cpu"), measurer  # it measured under the CPU's lock
+    # In one process: each shape's CPU hold is given to the one item that asked first.
+    holds = [b["extra_info"]["cpu_fp32_lock"] for b in one.values()]
+    assert sum(hold is not None for hold in holds) == 2, holds
     assert all(b["extra_info"]["cpu_fp32_measured_by"] is None for b in one.values())
     data = json.loads((tmp / "xdist.json").read_text())
     assert data["fidelity_suite_run"] == {"schema": 1, "selected": 4, "finished": 4, "interrupted": False,
@@ -288,30 +294,47 @@ def test_a_wait_for_a_device_held_elsewhere_is_said_and_ends_when_it_is_released
     assert proc.returncode == 0 and out.startswith("held"), err
 
 
-def test_a_cpu_median_another_worker_wrote_is_read_not_measured_and_one_of_another_kind_is_refused(tmp_path, monkeypatch):
-    """The read side of the shared CPU FP32 baseline (the -n 2 run above covers the write): a median in the file is
-    this run's, named with its worker, and no engine is built for it (the factory is None here)."""
+def test_a_cpu_median_another_worker_wrote_is_read_a_missing_one_measured_and_added_and_another_kind_refused(
+        tmp_path, monkeypatch):
+    """The shared CPU FP32 baseline with a real CPU engine (tiny-bert): a median in the file is read, named with
+    its worker, without the lock; a missing one is measured under the lock and added beside the others."""
     import perf.timing as timing
+    from engines.factory import EngineFactory
+    from engines.options import EngineSelection
 
     monkeypatch.setenv(timing.DEVICE_LOCKS_ENV, str(tmp_path / "locks"))
     shared = tmp_path / "cpu-baseline.json"
-    shared.write_text(json.dumps({"schema": timing.CPU_BASELINE_SCHEMA_VERSION, "rounds": 3,
+    shared.write_text(json.dumps({"schema": timing.CPU_BASELINE_SCHEMA_VERSION, "rounds": 1,
                                   "medians": {"tiny-bert b4 s64": {"median_s": 0.25, "worker": "gw1"}}}))
-    cpu = timing.CpuBaseline(None, shared=shared, worker="gw0")
+    factory = EngineFactory(EngineSelection.from_values(
+        {"models": "tiny-bert", "device": "cpu", "engine_cache": str(tmp_path / "cache")}))
+    cpu = timing.CpuBaseline(factory, rounds=1, shared=shared, worker="gw0")
     assert cpu.median_seconds("tiny-bert", (4, 64)) == 0.25 and cpu.measured_by("tiny-bert", (4, 64)) == "gw1"
-    assert cpu.medians() == {"tiny-bert b4 s64": 250.0}
-    other = timing.CpuBaseline(None, rounds=5, shared=shared, worker="gw0")  # workers that disagree on the rounds
-    with pytest.raises(ValueError, match="3 rounds, this run wants schema 1 and 5 rounds"):
-        other.median_seconds("tiny-bert", (4, 64))
+    assert cpu.lock_hold("tiny-bert", (4, 64)) is None  # read, not waited for
+    measured = cpu.median_seconds("tiny-bert", (1, 8))
+    hold = cpu.lock_hold("tiny-bert", (1, 8))
+    assert 0 < measured < 60 and cpu.measured_by("tiny-bert", (1, 8)) == "gw0"
+    assert hold["key"].endswith("-cpu") and hold["requested"] <= hold["acquired"] <= hold["released"]
+    assert cpu.lock_hold("tiny-bert", (1, 8)) is None  # given once: to the item whose ask took it
+    assert cpu.medians() == {"tiny-bert b4 s64": 250.0, "tiny-bert b1 s8": measured * 1e3}
+    cpu.close()
+    on_file = json.loads(shared.read_text())["medians"]
+    assert on_file == {"tiny-bert b4 s64": {"median_s": 0.25, "worker": "gw1"},
+                       "tiny-bert b1 s8": {"median_s": measured, "worker": "gw0"}}
+    other = timing.CpuBaseline(None, rounds=1, shared=shared, worker="gw1")  # no engine needed: both are there
+    assert other.median_seconds("tiny-bert", (1, 8)) == measured and other.measured_by("tiny-bert", (1, 8)) == "gw0"
+    disagreeing = timing.CpuBaseline(None, rounds=5, shared=shared, worker="gw1")  # workers of one run disagree
+    with pytest.raises(ValueError, match="1 rounds, this run wants schema 1 and 5 rounds"):
+        disagreeing.median_seconds("tiny-bert", (4, 64))
 
 
 def test_the_committed_two_gpu_benchmark_runs_are_what_their_readme_says():
     """docs/results/xdist-h100x2/perf: the benchmarks on two H100s in one process and under -n 2 (perf.sh)."""
     folder = ROOT / "docs" / "results" / "xdist-h100x2"
-    for run in (folder / "perf", folder / "perf" / "before-shared-cpu"):
-        args = [sys.executable, str((folder / "analyse_perf.py").relative_to(ROOT)), str(run.relative_to(ROOT))]
+    for results in (folder / "perf", folder / "perf" / "before-shared-cpu"):
+        args = [sys.executable, str((folder / "analyse_perf.py").relative_to(ROOT)), str(results.relative_to(ROOT))]
         made = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        assert made == (run / "analysis.txt").read_text(), f"{run}/analysis.txt is stale: rerun {' '.join(args[1:])}"
+        assert made == (results / "analysis.txt").read_text(), f"{results}/analysis.txt is stale: rerun {' '.join(args[1:])}"
     one, two = benchmarks(folder / "perf" / "serial.json"), benchmarks(folder / "perf" / "xdist.json")
     assert len(one) == 24 and set(one) == set(two)
     gpus = {}
@@ -325,8 +348,26 @@ def test_the_committed_two_gpu_benchmark_runs_are_what_their_readme_says():
             (info["cpu_fp32_median_ms"], info["cpu_fp32_measured_by"]))
     assert all(len(values) == 1 for values in cpu_medians.values()), cpu_medians
     ratios = [two[name]["extra_info"]["median_ms"] / bench["extra_info"]["median_ms"] for name, bench in one.items()]
+    cpu_ratios = {name: two[name]["extra_info"]["cpu_fp32_median_ms"] / bench["extra_info"]["cpu_fp32_median_ms"]
+                  for name, bench in one.items()}
     times = dict(re.findall(r"^(\w+) rc=0 wall ([\d.]+) s", (folder / "perf" / "times.txt").read_text(), re.M))
+    before = dict(re.findall(r"^(\w+) rc=0 wall ([\d.]+) s",
+                             (folder / "perf" / "before-shared-cpu" / "times.txt").read_text(), re.M))
+    analysis = (folder / "perf" / "analysis.txt").read_text()
+    at_once = re.search(r"seconds the two GPUs timed at once: ([\d.]+)", analysis).group(1)
     readme = " ".join((folder / "README.md").read_text().split())
-    assert f"{min(ratios):.3f}-{max(ratios):.3f}x of one process's" in readme
+    main = " ".join((ROOT / "README.md").read_text().split())
+    geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    assert f"{min(ratios):.3f}-{max(ratios):.3f}x of one process's (geometric mean {geomean:.3f})" in readme
+    assert f"GPU medians within {min(ratios):.3f}-{max(ratios):.3f}x of one process's" in main
     assert f"{times['xdist']} s with `-n 2` against {times['serial']} s" in readme
+    assert f"({times['xdist']} s against {times['serial']} s)" in main
+    assert f"{min(cpu_ratios.values()):.2f}-{max(cpu_ratios.values()):.2f}x" in readme
+    assert f"up to {max(cpu_ratios.values()):.2f}x one process's" in main
+    assert f"timed at once for {at_once} s" in readme
+    assert f"took {before['xdist']} s against the one process's {before['serial']} s" in readme
+    first = [b["extra_info"] for b in benchmarks(folder / "perf" / "before-shared-cpu" / "xdist.json").values()
+             if b["extra_info"]["engine"].startswith("gpt2/") and (b["extra_info"]["batch"], b["extra_info"]["sequence"]) == (1, 128)]
+    by_worker = {info["worker"]: f"{info['cpu_fp32_median_ms']:.1f} ms" for info in first}
+    assert f"gpt2 b1 s128: {by_worker['gw1']} from gw1, {by_worker['gw0']} from gw0" in readme
     assert "24 items `pass, pass`" in readme and "pass, pass: 24" in (folder / "perf" / "analysis.txt").read_text()

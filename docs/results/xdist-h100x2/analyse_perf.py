@@ -6,8 +6,8 @@
 Reads FOLDER/{times.txt, serial.json, xdist.json} (pytest-benchmark's --benchmark-json of each run) and, when
 there, compare.log (the -n 2 run gated against the serial run's saved baseline). Prints the wall times; each
 benchmark's GPU median in both runs and their ratio, with the worker and GPU that timed it under -n 2; the CPU
-FP32 medians each run set its results against, per (model, shape) and worker; the device locks' holds (each
-GPU's timed spans apart, and how long the two GPUs timed at once); the compare run's verdicts.
+FP32 medians each run set its results against, per (model, shape) and worker; the GPU locks' holds (each
+GPU's timed spans apart, and how long the two GPUs timed at once) and, where recorded, the CPU lock's waits; the compare run's verdicts.
 """
 
 from __future__ import annotations
@@ -78,8 +78,17 @@ def main() -> None:
     same = sum(overlap_s(a, b) > 0 for spans in holds.values() for a, b in itertools.combinations(spans, 2))
     both = sum(overlap_s(a, b) for a, b in itertools.product(*holds.values())) if len(holds) == 2 else 0.0
     waits = max(hold["waited_s"] for spans in holds.values() for hold in spans)
-    out.append(f"device locks under -n 2: {len(holds)} GPUs; overlapping timed spans on one GPU: {same}; "
-               f"seconds the two GPUs timed at once: {both:.1f}; longest wait for a lock: {waits:.3f} s")
+    out.append(f"GPU locks under -n 2: {len(holds)} GPUs; overlapping timed spans on one GPU: {same}; "
+               f"seconds the two GPUs timed at once: {both:.1f}; longest wait for a GPU's lock: {waits:.3f} s")
+    cpu_holds = [(info["worker"], info["cpu_fp32_lock"]) for info in xdist.values() if info.get("cpu_fp32_lock")]
+    if not any("cpu_fp32_lock" in info for info in xdist.values()):
+        out.append("CPU lock under -n 2: not recorded by this run (cpu_fp32_lock came later)")
+    else:
+        waited = collections.defaultdict(float)
+        for worker, hold in cpu_holds:
+            waited[worker] += hold["waited_s"]
+        out.append(f"CPU lock under -n 2: {len(cpu_holds)} holds; seconds waited for it: "
+                   + ", ".join(f"{w} {s:.1f}" for w, s in sorted(waited.items())))
 
     compare = folder / "compare.log"
     if compare.exists():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14, item 4 on GPUs (results: perf/, README.md there): the benchmarks under pytest-xdist on one 2-GPU host. The same perf run
+# Issue 14, item 4 on GPUs (results: perf/; README.md beside this script): the benchmarks under pytest-xdist on one 2-GPU host. The same perf run
 # twice: once in one process, once with -n 2 (one worker per GPU); each saves its run (--benchmark-save) and writes
 # --benchmark-json, so the two can be set side by side: every benchmark once, each naming its worker and GPU
 # (extra_info: worker, gpu_index, device_lock), and a compare under -n 2 against the serial run's baseline.
