@@ -331,7 +331,7 @@ def test_a_cpu_median_another_worker_wrote_is_read_a_missing_one_measured_and_ad
 def test_the_committed_two_gpu_benchmark_runs_are_what_their_readme_says():
     """docs/results/xdist-h100x2/perf: the benchmarks on two H100s in one process and under -n 2 (perf.sh)."""
     folder = ROOT / "docs" / "results" / "xdist-h100x2"
-    for results in (folder / "perf", folder / "perf" / "before-shared-cpu"):
+    for results in (folder / "perf", folder / "perf" / "before-shared-cpu", folder / "perf" / "no-cpu-baseline"):
         args = [sys.executable, str((folder / "analyse_perf.py").relative_to(ROOT)), str(results.relative_to(ROOT))]
         made = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
         assert made == (results / "analysis.txt").read_text(), f"{results}/analysis.txt is stale: rerun {' '.join(args[1:])}"
@@ -366,6 +366,17 @@ def test_the_committed_two_gpu_benchmark_runs_are_what_their_readme_says():
     assert f"up to {max(cpu_ratios.values()):.2f}x one process's" in main
     assert f"timed at once for {at_once} s" in readme
     assert f"took {before['xdist']} s against the one process's {before['serial']} s" in readme
+    alone = dict(re.findall(r"^(\w+) rc=0 wall ([\d.]+) s",
+                            (folder / "perf" / "no-cpu-baseline" / "times.txt").read_text(), re.M))
+    spans = re.findall(r"([\d.]+) s timed, from the first timing's start to the last's end ([\d.]+) s",
+                       (folder / "perf" / "no-cpu-baseline" / "analysis.txt").read_text())
+    assert f"{alone['serial']} s in one process, {alone['xdist']} s with `-n 2`" in readme
+    assert f"without the CPU baseline {alone['xdist']} s against {alone['serial']} s" in main
+    lowest, highest = re.search(r"lowest ([\d.]+), highest ([\d.]+)",
+                                (folder / "perf" / "no-cpu-baseline" / "analysis.txt").read_text()).groups()
+    assert f"GPU medians {lowest}-{highest}x of one process's" in readme
+    assert (f"{spans[0][0]} s and {spans[1][0]} s of timed spans, which took {spans[0][1]} s from the first to the "
+            f"last in one process and {spans[1][1]} s under `-n 2`") in readme
     first = [b["extra_info"] for b in benchmarks(folder / "perf" / "before-shared-cpu" / "xdist.json").values()
              if b["extra_info"]["engine"].startswith("gpt2/") and (b["extra_info"]["batch"], b["extra_info"]["sequence"]) == (1, 128)]
     by_worker = {info["worker"]: f"{info['cpu_fp32_median_ms']:.1f} ms" for info in first}

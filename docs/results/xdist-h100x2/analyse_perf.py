@@ -2,6 +2,7 @@
 
     python docs/results/xdist-h100x2/analyse_perf.py docs/results/xdist-h100x2/perf > docs/results/xdist-h100x2/perf/analysis.txt
     python docs/results/xdist-h100x2/analyse_perf.py docs/results/xdist-h100x2/perf/before-shared-cpu > docs/results/xdist-h100x2/perf/before-shared-cpu/analysis.txt
+    python docs/results/xdist-h100x2/analyse_perf.py docs/results/xdist-h100x2/perf/no-cpu-baseline > docs/results/xdist-h100x2/perf/no-cpu-baseline/analysis.txt
 
 Reads FOLDER/{times.txt, serial.json, xdist.json} (pytest-benchmark's --benchmark-json of each run) and, when
 there, compare.log (the -n 2 run gated against the serial run's saved baseline). Prints the wall times; each
@@ -80,6 +81,11 @@ def main() -> None:
     waits = max(hold["waited_s"] for spans in holds.values() for hold in spans)
     out.append(f"GPU locks under -n 2: {len(holds)} GPUs; overlapping timed spans on one GPU: {same}; "
                f"seconds the two GPUs timed at once: {both:.1f}; longest wait for a GPU's lock: {waits:.3f} s")
+    for run, results in (("one process", serial), ("-n 2", xdist)):
+        spans = [info["device_lock"] for info in results.values()]
+        timed = sum(hold["released"] - hold["acquired"] for hold in spans)
+        first_to_last = max(hold["released"] for hold in spans) - min(hold["acquired"] for hold in spans)
+        out.append(f"  {run}: {timed:.1f} s timed, from the first timing's start to the last's end {first_to_last:.1f} s")
     cpu_holds = [(info["worker"], info["cpu_fp32_lock"]) for info in xdist.values() if info.get("cpu_fp32_lock")]
     if not any("cpu_fp32_lock" in info for info in xdist.values()):
         out.append("CPU lock under -n 2: not recorded by this run (cpu_fp32_lock came later)")
