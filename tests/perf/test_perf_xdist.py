@@ -361,7 +361,7 @@ def test_the_committed_two_gpu_benchmark_runs_are_what_their_readme_says():
     assert f"{min(ratios):.3f}-{max(ratios):.3f}x of one process's (geometric mean {geomean:.3f})" in readme
     assert f"GPU medians within {min(ratios):.3f}-{max(ratios):.3f}x of one process's" in main
     assert f"{times['xdist']} s with `-n 2` against {times['serial']} s" in readme
-    assert f"({times['xdist']} s against {times['serial']} s)" in main
+    assert f"({times['xdist']} s against {times['serial']} s;" in main
     assert f"{min(cpu_ratios.values()):.2f}-{max(cpu_ratios.values()):.2f}x" in readme
     assert f"up to {max(cpu_ratios.values()):.2f}x one process's" in main
     assert f"timed at once for {at_once} s" in readme
