@@ -146,7 +146,8 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(str(exc)) from None
     session = PerfSession(options, factory, baseline=baseline, compare=compare)
     session.baseline_notes = notes
-    session.benchmarks_disabled = bool(config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"))
+    session.benchmarks_disabled = bool(getattr(config.option, "benchmark_disable", False)
+                                       and not getattr(config.option, "benchmark_enable", False))
     config.stash[PERF_KEY] = session
     config.pluginmanager.register(RunProgress(session), "fidelity-perf-progress")
     workerinput = getattr(config, "workerinput", None)

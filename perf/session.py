@@ -115,6 +115,16 @@ class PerfResult:
         }
 
 
+def finished_only(benchmarks: list, finished: set[str]) -> tuple[list, int]:
+    """The benchmarks whose items finished, and how many others there were.
+
+    pytest-benchmark adds an item's benchmark when its timing starts, so one an interrupt cut short would be
+    saved with part of its rounds: left out of a saved run (one process) and of a worker's shard (pytest-xdist).
+    """
+    kept = [b for b in benchmarks if b.fullname in finished]
+    return kept, len(benchmarks) - len(kept)
+
+
 DISABLED_NOTE = ("benchmarks disabled (--benchmark-disable): each engine ran once per shape, untimed; nothing "
                  "measured, compared or saved")
 
@@ -135,6 +145,7 @@ class PerfSession:
         self.finished: set[str] = set()
         self.interrupted = False
         self.results: list[PerfResult] = []
+        self.cut_short = 0  # benchmarks an interrupt cut short, not saved (finished_benchmarks)
         self.benchmarks_disabled = False  # --benchmark-disable asked for: each item runs its engine once, untimed
         self.cpu = CpuBaseline(factory)
         # pytest-xdist: this process's worker id and the number of workers (None, None in one process), and
@@ -144,14 +155,17 @@ class PerfSession:
         self.run_notes: list[str] = []
 
     def finished_benchmarks(self, benchmarks: list) -> list:
-        """pytest-benchmark's benchmarks of the items that finished: it adds an item's benchmark when its timing
-        starts, so one an interrupt cut short would be saved with part of its rounds. Dropped, and said."""
-        kept = [b for b in benchmarks if b.fullname in self.finished]
-        cut = len(benchmarks) - len(kept)
-        note = f"not saved: {cut} benchmark(s) an interrupt cut short (part of their rounds only)"
-        if cut and note not in self.run_notes:
-            self.run_notes.append(note)
+        """pytest-benchmark's benchmarks of the items that finished (:func:`finished_only`), the others counted
+        and said."""
+        kept, cut = finished_only(benchmarks, self.finished)
+        self.cut_short = max(self.cut_short, cut)
+        self.note_cut_short(self.cut_short)
         return kept
+
+    def note_cut_short(self, count: int) -> None:
+        note = f"not saved: {count} benchmark(s) an interrupt cut short (part of their rounds only)"
+        if count and note not in self.run_notes:
+            self.run_notes.append(note)
 
     def gates(self, backend: str) -> bool:
         """Whether a regression of this backend fails its test (others are compared and reported)."""
@@ -179,12 +193,13 @@ class PerfSession:
         """One engine at one shape, timed by pytest-benchmark; None under --benchmark-disable (run once, untimed)."""
         delay, factor = self.options.slowdown_for(runner.name)
         call = TimedEngine(runner, staged_inputs(runner, *shape), delay, factor)
+        # Everything that runs the engine is timed or measured: under its device's lock (perf.timing.device_lock).
         if benchmark.disabled:
             # --benchmark-disable: pytest-benchmark runs the call once and keeps no stats: a check that the
             # engine runs at this shape. Nothing is measured, compared or saved.
-            benchmark.pedantic(call, setup=call.setup, rounds=1, iterations=1)
+            with device_lock(runner.device):
+                benchmark.pedantic(call, setup=call.setup, rounds=1, iterations=1)
             return None
-        # Everything that runs the engine is timed or measured: under its device's lock (perf.timing.device_lock).
         with device_lock(runner.device) as hold:
             first_call = first_call_seconds(call)
             benchmark.pedantic(

@@ -191,6 +191,7 @@ class WorkerShard:
             "worker": self.worker,
             "results": [r.record() for r in self.session.results],
             "finished": sorted(self.session.finished),
+            "cut_short": self.session.cut_short,
             "baseline": None if self.session.baseline is None else str(self.session.baseline.path),
             "aggregate": self.aggregate,
         }
@@ -223,6 +224,7 @@ class MergedRun:
     results: list[dict[str, Any]]  # perf.session.PerfResult records, with their comparisons
     selected: int  # perf items each worker collected (every worker collects them all)
     finished: set[str]  # the perf items the workers finished (node ids)
+    cut_short: int  # benchmarks an interrupt cut short, which the workers left out of their shards
     interrupted: bool
     baselines: dict[str, str | None]  # {worker: the baseline it compared with}
 
@@ -273,6 +275,7 @@ def merge_shards(shards: list[tuple[str, dict[str, Any]]], order: list[str] | No
         results=results,
         selected=max(int(r.get("selected") or 0) for r in records),
         finished={nodeid for _, data in shards for nodeid in (data.get(SHARD_KEY) or {}).get("finished") or []},
+        cut_short=sum(int((data.get(SHARD_KEY) or {}).get("cut_short") or 0) for _, data in shards),
         interrupted=any(r.get("interrupted") for r in records),
         baselines={worker: (data.get(SHARD_KEY) or {}).get("baseline") for worker, data in shards},
     )
@@ -393,6 +396,7 @@ class Controller:
         self.session.selected = merged.selected
         self.session.finished |= merged.finished  # an item a worker finished whose report an interrupt cut off
         self.session.interrupted = self.session.interrupted or merged.interrupted
+        self.session.note_cut_short(merged.cut_short)
         measured = ", ".join(f"{w} {sum(1 for r in merged.results if r.get('worker') == w)}" for w in merged.workers)
         self.session.run_notes.append(
             f"pytest-xdist: {len(merged.benchmarks)} benchmarks from {len(merged.workers)} workers ({measured})"
@@ -420,7 +424,8 @@ class Controller:
         if not (save or bs.json):
             return
         if not merged.benchmarks:
-            bs.logger.warning("Not saving anything, no benchmarks have been run!")
+            if not self.session.benchmarks_disabled:  # as pytest-benchmark in one process: silent when disabled
+                bs.logger.warning("Not saving anything, no benchmarks have been run!")
             return
         hook = self.config.hook
         output = hook.pytest_benchmark_generate_json(config=self.config, benchmarks=[], include_data=True,

@@ -121,9 +121,13 @@ def test_benchmark_disable_runs_each_engine_once_untimed_and_says_so(tmp_path):
     """pytest-benchmark's --benchmark-disable: the engines run once per shape (a check that they run), nothing is
     timed, gated or written; the summary and the aggregate say why (it crashed on the missing stats before)."""
     written = tmp_path / "b.json"
-    proc = run("--benchmark-disable", f"--benchmark-json={written}", "-rs")
+    proc = run("--benchmark-disable", f"--benchmark-json={written}", "-rs", "--perf-slow-engine", "*=300",
+               "--durations=0")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "4 passed, 1 skipped" in proc.stdout
+    # Each engine did run: every call took at least the 300 ms the slowed engine adds to its one run.
+    calls = re.findall(r"^([\d.]+)s call\s+perf/test_latency\.py::test_latency\[", proc.stdout, re.M)
+    assert len(calls) == 4 and all(float(seconds) >= 0.3 for seconds in calls), calls
     assert "latency gate" in proc.stdout and "benchmarks disabled (--benchmark-disable)" in proc.stdout
     assert re.search(r"SKIPPED \[1\] perf/test_latency\.py:\d+: benchmarks disabled", proc.stdout)
     assert not written.exists()

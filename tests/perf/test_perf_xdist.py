@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from importlib.metadata import version
 from pathlib import Path
 
@@ -248,6 +249,21 @@ def test_shards_merge_into_one_run_in_collection_order():
     assert [r["name"] for r in merged.results] == order
     assert merged.selected == 3 and merged.finished == set(order) and not merged.interrupted
     assert merged.workers == ["gw0", "gw1"]
+    assert merged.cut_short == 0
+
+
+def test_a_benchmark_an_interrupt_cut_short_is_left_out_and_counted_at_the_controller():
+    """pytest-benchmark adds an item's benchmark when its timing starts: one whose item never finished is left out
+    of the saved run or the worker's shard, and the workers' counts add up at the controller."""
+    from perf.session import finished_only
+
+    whole, cut = types.SimpleNamespace(fullname="t.py::a"), types.SimpleNamespace(fullname="t.py::b")
+    assert finished_only([whole, cut], {"t.py::a"}) == ([whole], 1)
+    assert finished_only([whole], {"t.py::a", "t.py::c"}) == ([whole], 0)
+    first, second = shard("gw0", ["t.py::a"]), shard("gw1", ["t.py::c"])
+    first["fidelity_suite_shard"]["cut_short"] = 1
+    second["fidelity_suite_shard"]["cut_short"] = 1
+    assert merge_shards([("gw0", first), ("gw1", second)]).cut_short == 2
 
 
 @pytest.mark.parametrize("second,message", [
@@ -328,6 +344,36 @@ def test_a_cpu_median_another_worker_wrote_is_read_a_missing_one_measured_and_ad
         disagreeing.median_seconds("tiny-bert", (4, 64))
 
 
+def test_a_cpu_median_in_the_shared_file_is_read_while_another_process_holds_the_cpu_lock(tmp_path, monkeypatch):
+    """The read needs no lock (the file is replaced whole): a worker never waits on another's CPU timing for a
+    median that is already there. The read runs in a thread; were it to wait for the lock, the thread would still
+    be waiting when the holder is told to let go."""
+    import threading
+
+    import perf.timing as timing
+
+    locks = tmp_path / "locks"
+    monkeypatch.setenv(timing.DEVICE_LOCKS_ENV, str(locks))
+    shared = tmp_path / "cpu-baseline.json"
+    shared.write_text(json.dumps({"schema": timing.CPU_BASELINE_SCHEMA_VERSION, "rounds": 1,
+                                  "medians": {"tiny-bert b4 s64": {"median_s": 0.25, "worker": "gw1"}}}))
+    code = ("import sys; import perf.timing as t\n"
+            "with t.device_lock('cpu'): print('held', flush=True); sys.stdin.readline()")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, **{timing.DEVICE_LOCKS_ENV: str(locks)}),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        got = []
+        reader = threading.Thread(target=lambda: got.append(
+            timing.CpuBaseline(None, rounds=1, shared=shared, worker="gw0").median_seconds("tiny-bert", (4, 64))),
+            daemon=True)
+        reader.start()
+        reader.join(timeout=60)
+        assert got == [0.25], "the read waited for the CPU lock another process holds"
+    finally:
+        holder.communicate("\n", timeout=60)
+
+
 def test_the_committed_two_gpu_benchmark_runs_are_what_their_readme_says():
     """docs/results/xdist-h100x2/perf: the benchmarks on two H100s in one process and under -n 2 (perf.sh)."""
     folder = ROOT / "docs" / "results" / "xdist-h100x2"
@@ -375,6 +421,9 @@ def test_the_committed_two_gpu_benchmark_runs_are_what_their_readme_says():
     lowest, highest = re.search(r"lowest ([\d.]+), highest ([\d.]+)",
                                 (folder / "perf" / "no-cpu-baseline" / "analysis.txt").read_text()).groups()
     assert f"GPU medians {lowest}-{highest}x of one process's" in readme
+    at_once_alone = re.search(r"seconds the two GPUs timed at once: ([\d.]+)",
+                              (folder / "perf" / "no-cpu-baseline" / "analysis.txt").read_text()).group(1)
+    assert f"(the GPUs timed at once for {at_once_alone} s)" in readme
     assert (f"{spans[0][0]} s and {spans[1][0]} s of timed spans, which took {spans[0][1]} s from the first to the "
             f"last in one process and {spans[1][1]} s under `-n 2`") in readme
     first = [b["extra_info"] for b in benchmarks(folder / "perf" / "before-shared-cpu" / "xdist.json").values()

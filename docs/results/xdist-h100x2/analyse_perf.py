@@ -89,6 +89,8 @@ def main() -> None:
     cpu_holds = [(info["worker"], info["cpu_fp32_lock"]) for info in xdist.values() if info.get("cpu_fp32_lock")]
     if not any("cpu_fp32_lock" in info for info in xdist.values()):
         out.append("CPU lock under -n 2: not recorded by this run (cpu_fp32_lock came later)")
+    elif not cpu_holds:
+        out.append("CPU lock under -n 2: no CPU FP32 baseline in this run")
     else:
         waited = collections.defaultdict(float)
         for worker, hold in cpu_holds:
