@@ -208,4 +208,5 @@ def test_benchmark_flags_select_the_benchmarks():
         proc = collected(flag)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert "test_latency[" in proc.stdout, flag
-        assert "test_latency[" not in collected(flag, "-m", "fidelity").stdout, flag  # an explicit -m is the user's
+    # An explicit -m is the user's (one flag: the three take one path in perf/plugin.py; CI time is short).
+    assert "test_latency[" not in collected("--benchmark-compare", "-m", "fidelity").stdout
