@@ -44,6 +44,7 @@ from perf.workers import (
     SHARDS_KEY,
     Controller,
     WorkerShard,
+    benchmarks_asked_off,
     cpu_baseline_path,
     is_aggregate,
     is_controller,
@@ -146,8 +147,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(str(exc)) from None
     session = PerfSession(options, factory, baseline=baseline, compare=compare)
     session.baseline_notes = notes
-    session.benchmarks_disabled = bool(getattr(config.option, "benchmark_disable", False)
-                                       and not getattr(config.option, "benchmark_enable", False))
+    session.benchmarks_disabled = benchmarks_asked_off(config)
     config.stash[PERF_KEY] = session
     config.pluginmanager.register(RunProgress(session), "fidelity-perf-progress")
     workerinput = getattr(config, "workerinput", None)

@@ -31,6 +31,7 @@ import torch
 
 from engines.backends.base import Runner
 from engines.batch import TokenBatch
+from engines.files import atomic_write_json
 from engines.workers import all_cpu_threads
 from perf.stats import median
 
@@ -267,7 +268,7 @@ class CpuBaseline:
         self._runners: dict[str, Runner] = {}
         self._medians: dict[tuple[str, int, int], float] = {}
         self._measured_by: dict[tuple[str, int, int], str | None] = {}
-        self._holds: dict[tuple[str, int, int], dict[str, Any]] = {}  # this process's hold of the CPU lock, per median
+        self._holds: dict[tuple[str, int, int], DeviceHold] = {}  # this process's hold of the CPU lock, per median
 
     @staticmethod
     def label(model: str, shape: tuple[int, int]) -> str:
@@ -278,21 +279,18 @@ class CpuBaseline:
         if key in self._medians or self._found_shared(key):
             return self._medians[key]
         with device_lock("cpu") as hold:  # the build, the timing and the write: one process at a time
-            try:
-                if self._found_shared(key):  # measured by another worker while this one waited
-                    return self._medians[key]
-                with all_cpu_threads():  # a CPU engine: built and timed with the machine's threads, not a worker's share
-                    if model not in self._runners:
-                        self._runners[model] = self.factory.build(self.factory.cpu_baseline_spec(model), device="cpu")
-                    runner = self._runners[model]
-                    call = TimedEngine(runner, staged_inputs(runner, *shape, copies=2))
-                    self._medians[key] = median(sample_seconds(call, warmup=1, rounds=self.rounds))
-                self._measured_by[key] = self.worker
-                self._write_shared(model, shape)
+            self._holds[key] = hold  # device_lock fills in its release
+            if self._found_shared(key):  # measured by another worker while this one waited
                 return self._medians[key]
-            finally:
-                hold.released = time.time()
-                self._holds[key] = hold.record()
+            with all_cpu_threads():  # a CPU engine: built and timed with the machine's threads, not a worker's share
+                if model not in self._runners:
+                    self._runners[model] = self.factory.build(self.factory.cpu_baseline_spec(model), device="cpu")
+                runner = self._runners[model]
+                call = TimedEngine(runner, staged_inputs(runner, *shape, copies=2))
+                self._medians[key] = median(sample_seconds(call, warmup=1, rounds=self.rounds))
+            self._measured_by[key] = self.worker
+            self._write_shared(model, shape)
+        return self._medians[key]
 
     def _found_shared(self, key: tuple[str, int, int]) -> bool:
         found = self._read_shared().get(self.label(key[0], key[1:]))
@@ -303,7 +301,8 @@ class CpuBaseline:
     def lock_hold(self, model: str, shape: tuple[int, int]) -> dict[str, Any] | None:
         """The hold of the CPU lock (asked, got, given back, waited) taken for this median, given once: to the item
         whose ask took it; None for every other item, and where no lock was taken (the median in the shared file)."""
-        return self._holds.pop((model, *shape), None)
+        hold = self._holds.pop((model, *shape), None)
+        return None if hold is None else hold.record()
 
     def measured_by(self, model: str, shape: tuple[int, int]) -> str | None:
         """The pytest-xdist worker that measured this median (None in one process)."""
@@ -326,9 +325,7 @@ class CpuBaseline:
         key = (model, *shape)
         medians[self.label(model, shape)] = {"median_s": self._medians[key], "worker": self._measured_by[key]}
         data = {"schema": CPU_BASELINE_SCHEMA_VERSION, "rounds": self.rounds, "medians": medians}
-        partial = self.shared.with_name(self.shared.name + f".{os.getpid()}.part")
-        partial.write_text(json.dumps(data, indent=1, sort_keys=True))
-        partial.replace(self.shared)  # whole or not at all: a reader never sees half a file
+        atomic_write_json(self.shared, data, sort_keys=True)  # whole or not at all: a reader never sees half a file
 
     def medians(self) -> dict[str, float]:
         """Every median measured so far, in ms, keyed ``"<model> b<batch> s<sequence>"`` (for a run's record)."""

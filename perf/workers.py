@@ -100,6 +100,12 @@ def check_benchmark_session(config: pytest.Config) -> None:
         )
 
 
+def benchmarks_asked_off(config: pytest.Config) -> bool:
+    """``--benchmark-disable`` (and no ``--benchmark-enable``): the user's ask, not pytest-benchmark's own under xdist."""
+    return bool(getattr(config.option, "benchmark_disable", False)
+                and not getattr(config.option, "benchmark_enable", False))
+
+
 def enable_on_worker(config: pytest.Config) -> None:
     """pytest-benchmark on a pytest-xdist worker: timing on (unless --benchmark-disable), its own saving off."""
     bs = getattr(config, "_benchmarksession", None)
@@ -107,8 +113,7 @@ def enable_on_worker(config: pytest.Config) -> None:
         return
     check_benchmark_session(config)  # the controller refused a session it does not know; this is the backstop
     # Off because xdist is active, not because the user said so (pytest-benchmark's own test, 5.1-5.3).
-    asked_off = config.getoption("benchmark_disable") and not config.getoption("benchmark_enable")
-    if bs.disabled and not asked_off and not bs.skip:
+    if bs.disabled and not benchmarks_asked_off(config) and not bs.skip:
         bs.disabled = False
         if hasattr(bs, "xdist_warning"):  # 5.3: else it warns at the end that benchmarks were disabled
             bs.xdist_warning = False
